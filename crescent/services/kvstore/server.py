@@ -1,0 +1,212 @@
+"""The kvstore service: the block store, its bulk data server, the gRPC control plane and conductor reporting.
+
+``serve(settings)`` runs it in the foreground until SIGTERM/SIGINT (which drains: health flips to NOT_SERVING,
+in-flight transfers finish, then it exits); ``run_in_thread(settings)`` starts the same thing in the
+background for tests and returns a handle. Ports may be 0 (a free port), which tests use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Literal
+
+import grpc
+from pydantic import Field
+
+from crescent.proto.v1 import common_pb2, conductor_pb2, kvstore_pb2, kvstore_pb2_grpc
+from crescent.services.common.grpc_util import GrpcServer, start_metrics_server
+from crescent.services.common.logging import setup_logging
+from crescent.services.common.settings import CrescentSettings
+from crescent.services.kvstore.data_server import DataServer
+from crescent.services.kvstore.events import ConductorReporter
+from crescent.services.kvstore.protocol import MAX_BLOCKS
+from crescent.services.kvstore.store import BlockStore
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "crescent.v1.KvStore"
+
+
+def default_data_dir() -> str:
+    return str(Path.home() / ".cache" / "crescent" / "kvstore")
+
+
+class KvStoreSettings(CrescentSettings):
+    """The kvstore's settings (env CRESCENT_*, flags --*)."""
+
+    port: int = Field(50081, description="gRPC control-plane port (Lookup, Stats, health); 0 = a free port.")
+    data_port: int = Field(50082, description="Bulk data transport port (framed tcp, or mooncake's control).")
+    metrics_port: int = Field(9081, description="Prometheus /metrics port; 0 = no metrics endpoint.")
+    transport: Literal["tcp", "mooncake"] = Field("tcp", description="Bulk transport: tcp or mooncake.")
+    dram_capacity_bytes: int = Field(1 << 30, ge=0, description="DRAM arena size in bytes (preallocated).")
+    ssd_capacity_bytes: int = Field(8 << 30, ge=0, description="SSD tier capacity in bytes; 0 = no SSD tier.")
+    data_dir: str = Field(
+        default_factory=default_data_dir, description="Directory of the SSD tier's block files."
+    )
+    block_bytes: int = Field(
+        0, ge=0, description="Bytes per block slot; 0 = the size of the first block put."
+    )
+    dram_prefault: bool = Field(
+        True, description="Commit the whole DRAM arena at start (no page faults later)."
+    )
+    ssd_fsync: bool = Field(True, description="fsync each SSD block before it is published (crash safety).")
+    conductor_address: str = Field("", description="Conductor gRPC host:port; empty = standalone.")
+    instance_id: str = Field(
+        "", description="This store's id at the conductor; empty = kvstore-<host>-<port>."
+    )
+    advertise_host: str = Field("", description="Host other services use to reach this store; empty = host.")
+    heartbeat_interval_s: float = Field(2.0, gt=0, description="Seconds between heartbeats to the conductor.")
+    io_timeout_s: float = Field(30.0, gt=0, description="A client stalled mid-frame is dropped after this.")
+    drain_timeout_s: float = Field(
+        10.0, ge=0, description="On shutdown, how long in-flight transfers may finish."
+    )
+
+
+class KvStoreServicer(kvstore_pb2_grpc.KvStoreServicer):
+    """Answers from the handle's store; UNAVAILABLE while the store is still loading its SSD index."""
+
+    def __init__(self, handle: KvStoreHandle):
+        self.handle = handle
+
+    async def _store(self, context) -> BlockStore:
+        if self.handle.store is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "kvstore is starting")
+        return self.handle.store
+
+    async def Lookup(self, request, context):
+        store = await self._store(context)
+        if len(request.block_hashes) > MAX_BLOCKS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_BLOCKS} hashes per lookup")
+        # layer_end 0: any layer range (a block counts when any of its ranges is stored)
+        layers = (request.layer_start, request.layer_end) if request.layer_end else None
+        if layers is not None and layers[0] >= layers[1]:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "layer_start must be below layer_end")
+        prefix, tiers = store.lookup(request.model_id, list(request.block_hashes), layers)
+        return kvstore_pb2.LookupResponse(prefix_blocks=prefix, tiers=[int(t) for t in tiers])
+
+    async def Stats(self, request, context):
+        st = (await self._store(context)).stats()
+        return kvstore_pb2.StatsResponse(
+            dram_bytes_used=st["dram_bytes_used"],
+            dram_bytes_capacity=st["dram_bytes_capacity"],
+            ssd_bytes_used=st["ssd_bytes_used"],
+            ssd_bytes_capacity=st["ssd_bytes_capacity"],
+            blocks_dram=st["blocks_dram"],
+            blocks_ssd=st["blocks_ssd"],
+            data_address=self.handle.data_address,
+            transport=self.handle.settings.transport,
+        )
+
+
+class KvStoreHandle:
+    """A running kvstore (gRPC on its own asyncio loop thread, data server threads)."""
+
+    def __init__(self, settings: KvStoreSettings):
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.store: BlockStore | None = None
+        self.data_address = ""
+        self.stopped = threading.Event()
+        self.reporter: ConductorReporter | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="kvstore-grpc", daemon=True)
+
+    async def _start_grpc(self) -> None:
+        self.grpc = GrpcServer(self.settings.host, self.settings.port, SERVICE_NAME)
+        self.grpc.add(kvstore_pb2_grpc.add_KvStoreServicer_to_server, KvStoreServicer(self))
+        await self.grpc.start(serving=False)  # health answers NOT_SERVING while the store loads
+
+    def start(self) -> KvStoreHandle:
+        s = self.settings
+        self._thread.start()
+        self._call(self._start_grpc())
+        self.grpc_address = f"{s.host}:{self.grpc.port}"
+        self.store = BlockStore(
+            s.dram_capacity_bytes,
+            s.ssd_capacity_bytes,
+            s.data_dir,
+            s.block_bytes,
+            fsync=s.ssd_fsync,
+            prefault=s.dram_prefault,
+        )
+        mooncake = None
+        if s.transport == "mooncake":
+            from crescent.services.kvstore.mooncake import MooncakeExport
+
+            mooncake = MooncakeExport(self.store, s.advertise_host or s.host)
+        self.data = DataServer(self.store, s.host, s.data_port, s.transport, mooncake, s.io_timeout_s).start()
+        self.data_address = f"{s.advertise_host or s.host}:{self.data.port}"
+        if s.conductor_address:
+            self.reporter = ConductorReporter(
+                s.conductor_address, self._instance_info(), self._load, s.heartbeat_interval_s
+            )
+            self.store.event_sink = self.reporter.sink
+            self.reporter.start()
+        self._call(self.grpc.set_serving(True))
+        log.info("kvstore ready: gRPC %s, data %s (%s)", self.grpc_address, self.data_address, s.transport)
+        return self
+
+    def stop(self) -> None:
+        """Drain and stop; idempotent."""
+        if self.stopped.is_set():
+            return
+        self._call(self.grpc.set_serving(False))
+        self.data.stop(self.settings.drain_timeout_s)
+        if self.reporter is not None:
+            self.reporter.stop()
+        self._call(self.grpc.stop(grace_s=1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        self.stopped.set()
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def _instance_info(self) -> conductor_pb2.InstanceInfo:
+        s = self.settings
+        host = s.advertise_host or s.host
+        return conductor_pb2.InstanceInfo(
+            instance_id=s.instance_id or f"kvstore-{socket.gethostname()}-{self.grpc.port}",
+            role=common_pb2.ROLE_KVSTORE,
+            address=f"{host}:{self.grpc.port}",
+            data_address=self.data_address,
+            transport=s.transport,
+        )
+
+    def _load(self) -> common_pb2.Load:
+        st = self.store.stats()
+        return common_pb2.Load(
+            store_bytes_used=st["dram_bytes_used"] + st["ssd_bytes_used"],
+            store_bytes_capacity=st["dram_bytes_capacity"] + st["ssd_bytes_capacity"],
+        )
+
+
+def run_in_thread(settings: KvStoreSettings) -> KvStoreHandle:
+    """Start a kvstore in background threads (tests); call ``handle.stop()`` when done."""
+    return KvStoreHandle(settings).start()
+
+
+def serve(settings: KvStoreSettings) -> None:
+    """Run the kvstore until SIGTERM or SIGINT, then drain and return."""
+    setup_logging("kvstore", settings.log_level)
+    handle = run_in_thread(settings)
+    start_metrics_server(settings.host, settings.metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("draining")
+    handle.stop()
+
+
+if __name__ == "__main__":  # python -m crescent.services.kvstore.server [--flags]
+    import argparse
+
+    from crescent.services.common.settings import add_settings_flags, settings_from_flags
+
+    parser = argparse.ArgumentParser(description="crescent kvstore")
+    add_settings_flags(parser, KvStoreSettings)
+    serve(settings_from_flags(KvStoreSettings, parser.parse_args()))

@@ -1,0 +1,446 @@
+"""The block store: a DRAM arena over an SSD tier, LRU, checksummed, with leases and KV events.
+
+Locking: one lock guards the index (records, LRU order, free slots, pins). Bytes move outside it: a reader
+pins a record (a lease) and copies or sends from the slot without the lock; a writer reserves a slot, fills it
+without the lock and commits. Eviction skips pinned records, so nothing is freed or moved under a reader or
+writer. Demotion to SSD writes under the lock (simple and safe; it runs only when the DRAM tier is full).
+
+Promotion copies a block up and keeps its SSD file, so a later demotion of an unchanged block writes nothing
+and every block that ever reached SSD survives a restart. Events are per tier: STORED(tier) when a block lands
+in a tier, EVICTED(tier) when it leaves one, MOVED(SSD from DRAM) when demotion writes it down.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from crescent.services.common import metrics
+from crescent.services.kvstore.blocks import (
+    MAX_META_BYTES,
+    BlockKey,
+    BlockRecord,
+    EventKind,
+    KvEvent,
+    Lease,
+    Reservation,
+    StoreFullError,
+    Tier,
+    checksum,
+)
+from crescent.services.kvstore.dram import DramArena
+from crescent.services.kvstore.ssd import SsdTier
+
+log = logging.getLogger(__name__)
+_DRAM_EVICTIONS = metrics.STORE_EVICTIONS.labels("dram")  # resolved once: labels() costs more than inc()
+_SSD_READERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvstore-ssd")  # reads release the GIL
+
+
+class BlockStore:
+    def __init__(
+        self,
+        dram_capacity_bytes: int,
+        ssd_capacity_bytes: int = 0,
+        data_dir: str | Path = "",
+        block_bytes: int = 0,
+        event_sink: Callable[[KvEvent], None] | None = None,
+        fsync: bool = True,
+        prefault: bool = False,
+    ):
+        if ssd_capacity_bytes > 0 and not data_dir:
+            raise ValueError("an SSD tier (ssd_capacity_bytes > 0) needs a data_dir")
+        self.dram_capacity_bytes = dram_capacity_bytes
+        self.prefault = prefault
+        self.block_bytes = block_bytes
+        self.event_sink = event_sink
+        self.ssd = SsdTier(data_dir or ".", ssd_capacity_bytes, fsync=fsync)
+        self.arena: DramArena | None = None
+        self.arena_listeners: list[Callable[[DramArena], None]] = []
+        self._lock = threading.Lock()
+        self._dram: OrderedDict[BlockKey, BlockRecord] = OrderedDict()  # first = least recently used
+        self._ssd: OrderedDict[BlockKey, BlockRecord] = OrderedDict()
+        self._ssd_used = 0
+        # (model_id, block_hash) -> stored layer ranges, for lookups that do not name a range
+        self._ranges: dict[tuple[str, int], set[tuple[int, int]]] = {}
+        for record in self.ssd.scan():
+            self.block_bytes = self.block_bytes or record.size
+            if record.size > self.block_bytes:
+                log.warning(
+                    "SSD block %s is larger than block_bytes %d; ignored", record.key, self.block_bytes
+                )
+                continue
+            self._ssd[record.key] = record
+            self._ssd_used += record.size
+            self._index_add(record.key)
+        if self.block_bytes:
+            self._create_arena(self.block_bytes)
+        metrics.STORE_BYTES_CAPACITY.labels("ssd").set(ssd_capacity_bytes)
+        self._export_gauges()
+
+    # --- writes --------------------------------------------------------------------------------------------
+    def reserve(self, key: BlockKey, size: int, meta: bytes = b"") -> Reservation | None:
+        """A slot to fill with ``size`` bytes; None when the block is already stored (content-addressed)."""
+        key.validate()
+        if len(meta) > MAX_META_BYTES:
+            raise ValueError(f"block metadata of {len(meta)} bytes exceeds {MAX_META_BYTES}")
+        with self._lock:
+            return self._reserve_locked(key, size, bytes(meta))
+
+    def reserve_many(self, keys: list[BlockKey],
+                     sizes: list[int]) -> list[Reservation | None | StoreFullError]:
+        """:meth:`reserve` for a run of blocks without metadata, under one hold of the lock; a block with
+        no slot to be had gets the StoreFullError instead of raising it."""
+        for key in keys:
+            key.validate()
+        out: list[Reservation | None | StoreFullError] = []
+        with self._lock:
+            for key, size in zip(keys, sizes, strict=True):
+                try:
+                    out.append(self._reserve_locked(key, size, b""))
+                except StoreFullError as exc:
+                    out.append(exc)
+        return out
+
+    def _reserve_locked(self, key: BlockKey, size: int, meta: bytes) -> Reservation | None:
+        if not self.block_bytes:
+            self._create_arena(size)
+        if not 0 < size <= self.block_bytes:
+            raise ValueError(f"block of {size} bytes does not fit this store's {self.block_bytes}-byte slots")
+        if key in self._dram or key in self._ssd:
+            return None
+        slot = self._take_slot()
+        record = BlockRecord(key=key, size=size, crc=0, meta=meta, tier=Tier.DRAM, slot=slot, pins=1)
+        return Reservation(record, self.arena.view(slot, size))
+
+    def commit(self, reservation: Reservation, crc: int | None = None) -> None:
+        """Publish a filled reservation; ``crc`` = checksum(view, meta) when the caller computed it
+        already."""
+        record = reservation.record
+        record.crc = checksum(reservation.view, record.meta) if crc is None else crc
+        with self._lock:
+            record.pins -= 1
+            if record.key in self._dram or record.key in self._ssd:  # a concurrent put of the same block won
+                self.arena.release(record.slot)
+                return
+            self._dram[record.key] = record
+            self._index_add(record.key)
+            self._emit(EventKind.STORED, record, Tier.DRAM)
+
+    def abort(self, reservation: Reservation) -> None:
+        with self._lock:
+            self.arena.release(reservation.record.slot)
+
+    def put(self, key: BlockKey, data, meta: bytes = b"") -> bool:
+        """Store one block (copying it into the arena); False when it was already stored."""
+        src = memoryview(data).cast("B")
+        reservation = self.reserve(key, len(src), meta)
+        if reservation is None:
+            return False
+        try:
+            reservation.view[:] = src
+        except BaseException:
+            self.abort(reservation)
+            raise
+        self.commit(reservation)
+        return True
+
+    # --- reads ---------------------------------------------------------------------------------------------
+    def acquire(self, key: BlockKey, verify: bool = True) -> Lease | None:
+        """Pin and verify one block (copying it up from SSD); None on a miss or a failed checksum.
+
+        ``verify=False`` leaves a DRAM block's check to the caller, who must run :meth:`verify` on the lease
+        before handing its bytes on as valid (the data server overlaps that check with the send).
+        """
+        with self._lock:
+            record = self._dram.get(key)
+            if record is not None:
+                record.pins += 1
+                self._dram.move_to_end(key)
+            else:
+                record = self._ssd.get(key)
+                if record is None:
+                    return None
+                record.pins += 1
+        if record.tier == Tier.SSD:
+            return self._promote(record)
+        lease = Lease(record, self.arena.view(record.slot, record.size))
+        if verify and not self.verify(lease):
+            self.release(lease)
+            return None
+        return lease
+
+    def verify(self, lease: Lease) -> bool:
+        """Check a lease's checksum; a corrupt block is dropped from the store (the lease stays to
+        release)."""
+        if lease.verified or checksum(lease.view, lease.meta) == lease.record.crc:
+            lease.verified = True
+            return True
+        self._invalidate(lease.record)
+        return False
+
+    def acquire_many(self, keys: list[BlockKey], verify: bool = True) -> list[Lease | None]:
+        """:meth:`acquire` for a batch: DRAM hits are pinned under one hold of the lock; blocks that must come
+        from SSD are read in parallel (the disk serves several reads at once far faster than one after
+        another). A block with no free slot to be copied up into is a miss."""
+        leases: list[Lease | None] = [None] * len(keys)
+        cold: list[int] = []
+        with self._lock:
+            for i, key in enumerate(keys):
+                record = self._dram.get(key)
+                if record is not None:
+                    record.pins += 1
+                    self._dram.move_to_end(key)
+                    leases[i] = Lease(record, self.arena.view(record.slot, record.size))
+                elif key in self._ssd:
+                    cold.append(i)
+        if verify:
+            for i, lease in enumerate(leases):
+                if lease is not None and not self.verify(lease):
+                    self.release(lease)
+                    leases[i] = None
+        if len(cold) == 1:
+            leases[cold[0]] = self._try_acquire(keys[cold[0]], verify)
+        elif cold:
+            futures = [_SSD_READERS.submit(self._try_acquire, keys[i], verify) for i in cold]
+            for i, future in zip(cold, futures, strict=True):
+                leases[i] = future.result()
+        return leases
+
+    def _try_acquire(self, key: BlockKey, verify: bool) -> Lease | None:
+        try:
+            return self.acquire(key, verify)
+        except StoreFullError:
+            return None
+
+    def release(self, lease: Lease) -> None:
+        with self._lock:
+            self._unpin(lease.record)
+
+    def get(self, key: BlockKey) -> tuple[bytes, bytes] | None:
+        """A copy of (block, metadata), or None: the simple path for tests and tools."""
+        lease = self.acquire(key)
+        if lease is None:
+            return None
+        try:
+            return bytes(lease.view), lease.meta
+        finally:
+            self.release(lease)
+
+    def _promote(self, record: BlockRecord) -> Lease | None:
+        try:
+            with self._lock:
+                slot = self._take_slot()
+        except StoreFullError:
+            with self._lock:
+                record.pins -= 1
+            raise
+        view = self.arena.view(slot, record.size)
+        ok = (
+            self.ssd.read_into(record, view, self.arena.address(slot))
+            and checksum(view, record.meta) == record.crc
+        )
+        with self._lock:
+            record.pins -= 1
+            if not ok:
+                self.arena.release(slot)
+                if self._ssd.get(record.key) is record:
+                    self._forget_ssd(record, corrupt=True)
+                return None
+            if record.key in self._dram:
+                # another reader promoted it first; serve our copy once, then give the slot back
+                temp = BlockRecord(
+                    key=record.key,
+                    size=record.size,
+                    crc=record.crc,
+                    meta=record.meta,
+                    tier=Tier.NONE,
+                    slot=slot,
+                    pins=1,
+                )
+                return Lease(temp, view, verified=True)
+            # copy up, keeping the SSD copy: no unlink on the read path, no rewrite when this block is demoted
+            # again, and the block still survives a restart
+            promoted = BlockRecord(
+                key=record.key,
+                size=record.size,
+                crc=record.crc,
+                meta=record.meta,
+                tier=Tier.DRAM,
+                slot=slot,
+                pins=1,
+            )
+            self._dram[record.key] = promoted
+            metrics.STORE_PROMOTIONS.inc()
+            self._emit(EventKind.STORED, promoted, Tier.DRAM)
+        return Lease(promoted, view, verified=True)
+
+    # --- eviction ------------------------------------------------------------------------------------------
+    def _take_slot(self) -> int:
+        """A free slot, demoting LRU unpinned DRAM blocks to SSD as needed. Called with the lock held."""
+        slot = self.arena.allocate()
+        while slot is None:
+            victim = next((r for r in self._dram.values() if r.pins == 0), None)
+            if victim is None:
+                raise StoreFullError("every DRAM slot is held by an in-flight transfer; retry")
+            self._demote(victim)
+            slot = self.arena.allocate()
+        return slot
+
+    def _demote(self, record: BlockRecord) -> None:
+        del self._dram[record.key]
+        _DRAM_EVICTIONS.inc()
+        view = self.arena.view(record.slot, record.size)
+        if record.key in self._ssd or record.size > self.ssd.capacity_bytes:
+            # promoted earlier (its SSD copy is still there) or no SSD tier: nothing to write
+            self._emit(EventKind.EVICTED, record, Tier.DRAM)
+        elif checksum(view, record.meta) != record.crc:
+            metrics.STORE_CORRUPT.labels("dram").inc()
+            self._emit(EventKind.EVICTED, record, Tier.DRAM)
+        elif self._ssd_room(record.size):
+            try:
+                self.ssd.write(record, view)
+            except OSError as exc:
+                log.error("demotion to SSD failed, dropping block: %s", exc)
+                metrics.STORE_CLIENT_ERRORS.labels("ssd_write").inc()
+                self._emit(EventKind.EVICTED, record, Tier.DRAM)
+            else:
+                self.arena.release(record.slot)
+                record.tier, record.slot = Tier.SSD, -1
+                self._ssd[record.key] = record
+                self._ssd_used += record.size
+                self._emit(EventKind.MOVED, record, Tier.SSD, Tier.DRAM)
+                return
+        else:
+            self._emit(EventKind.EVICTED, record, Tier.DRAM)
+        self.arena.release(record.slot)
+        record.tier = Tier.NONE
+        self._index_drop_if_gone(record.key)
+
+    def _ssd_room(self, size: int) -> bool:
+        """Make room on SSD for ``size`` bytes by dropping LRU unpinned blocks; False if it cannot fit."""
+        if size > self.ssd.capacity_bytes:
+            return False
+        while self._ssd_used + size > self.ssd.capacity_bytes:
+            victim = next((r for r in self._ssd.values() if r.pins == 0), None)
+            if victim is None:
+                return False
+            metrics.STORE_EVICTIONS.labels("ssd").inc()
+            self._forget_ssd(victim, corrupt=False)
+            self._emit(EventKind.EVICTED, victim, Tier.SSD)
+        return True
+
+    def _forget_ssd(self, record: BlockRecord, corrupt: bool) -> None:
+        del self._ssd[record.key]
+        self._ssd_used -= record.size
+        self.ssd.delete(record.key)
+        self._index_drop_if_gone(record.key)
+        if corrupt:
+            metrics.STORE_CORRUPT.labels("ssd").inc()
+            self._emit(EventKind.EVICTED, record, Tier.SSD)
+
+    def _invalidate(self, record: BlockRecord) -> None:
+        log.error("block %s failed its checksum in DRAM; dropped", record.key)
+        with self._lock:
+            metrics.STORE_CORRUPT.labels("dram").inc()
+            if self._dram.get(record.key) is record:
+                del self._dram[record.key]
+                record.tier = Tier.NONE
+                self._index_drop_if_gone(record.key)
+                self._emit(EventKind.EVICTED, record, Tier.DRAM)
+
+    def _unpin(self, record: BlockRecord) -> None:
+        record.pins -= 1
+        if record.pins == 0 and record.tier == Tier.NONE and record.slot >= 0:
+            self.arena.release(record.slot)  # dropped or a one-off promoted copy: its slot is free now
+            record.slot = -1
+
+    # --- index queries -------------------------------------------------------------------------------------
+    def tier_of(self, key: BlockKey) -> Tier:
+        with self._lock:
+            return self._tier_locked(key)
+
+    def lookup(self, model_id: str, hashes: list[int],
+               layer_range: tuple[int, int] | None = None) -> tuple[int, list[Tier]]:
+        """(leading blocks present, each block's fastest tier) for one layer range, or with ``layer_range``
+        None (or (0, 0)) for any: a block counts when at least one of its layer ranges is stored."""
+        exact = layer_range is not None and layer_range != (0, 0)
+        with self._lock:
+            if exact:
+                tiers = [self._tier_locked(BlockKey(model_id, h, *layer_range)) for h in hashes]
+            else:
+                tiers = [self._any_tier_locked(model_id, h) for h in hashes]
+        prefix = next((i for i, t in enumerate(tiers) if t == Tier.NONE), len(tiers))
+        return prefix, tiers
+
+    def _tier_locked(self, key: BlockKey) -> Tier:
+        return Tier.DRAM if key in self._dram else Tier.SSD if key in self._ssd else Tier.NONE
+
+    def _any_tier_locked(self, model_id: str, block_hash: int) -> Tier:
+        ranges = self._ranges.get((model_id, block_hash))
+        if not ranges:
+            return Tier.NONE
+        return min((self._tier_locked(BlockKey(model_id, block_hash, *r)) for r in ranges),
+                   key=lambda t: t if t != Tier.NONE else 99)
+
+    def _index_add(self, key: BlockKey) -> None:
+        self._ranges.setdefault((key.model_id, key.block_hash), set()).add((key.layer_start, key.layer_end))
+
+    def _index_drop_if_gone(self, key: BlockKey) -> None:
+        if key in self._dram or key in self._ssd:
+            return
+        ranges = self._ranges.get((key.model_id, key.block_hash))
+        if ranges is not None:
+            ranges.discard((key.layer_start, key.layer_end))
+            if not ranges:
+                del self._ranges[(key.model_id, key.block_hash)]
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            dram_used = sum(r.size for r in self._dram.values())
+            return {
+                "dram_bytes_used": dram_used,
+                "dram_bytes_capacity": self.arena_capacity,
+                "ssd_bytes_used": self._ssd_used,
+                "ssd_bytes_capacity": self.ssd.capacity_bytes,
+                "blocks_dram": len(self._dram),
+                "blocks_ssd": len(self._ssd),
+                "block_bytes": self.block_bytes,
+            }
+
+    def add_arena_listener(self, listener: Callable[[DramArena], None]) -> None:
+        """Call ``listener(arena)`` once the arena exists (now, or at the first put when block_bytes is
+        auto)."""
+        with self._lock:
+            self.arena_listeners.append(listener)
+            if self.arena is not None:
+                listener(self.arena)
+
+    @property
+    def arena_capacity(self) -> int:
+        return self.arena.capacity_bytes if self.arena else self.dram_capacity_bytes
+
+    def _create_arena(self, block_bytes: int) -> None:
+        if block_bytes > self.dram_capacity_bytes:
+            raise ValueError(
+                f"block_bytes {block_bytes} exceeds dram_capacity_bytes {self.dram_capacity_bytes}"
+            )
+        self.block_bytes = block_bytes
+        self.arena = DramArena(self.dram_capacity_bytes, block_bytes, self.prefault)
+        metrics.STORE_BYTES_CAPACITY.labels("dram").set(self.arena.capacity_bytes)
+        for listener in self.arena_listeners:
+            listener(self.arena)
+
+    def _emit(self, kind: EventKind, record: BlockRecord, tier: Tier, from_tier: Tier = Tier.NONE) -> None:
+        if self.event_sink is not None:
+            self.event_sink(KvEvent(kind, record.key.model_id, [record.key.block_hash], tier, from_tier))
+
+    def _export_gauges(self) -> None:
+        """Occupancy gauges read at scrape time: nothing to update on the data path."""
+        metrics.STORE_BLOCKS.labels("dram").set_function(lambda: len(self._dram))
+        metrics.STORE_BLOCKS.labels("ssd").set_function(lambda: len(self._ssd))
+        metrics.STORE_BYTES_USED.labels("ssd").set_function(lambda: self._ssd_used)
+        metrics.STORE_BYTES_USED.labels("dram").set_function(lambda: len(self._dram) * self.block_bytes)
