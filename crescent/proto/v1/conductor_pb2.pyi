@@ -95,21 +95,23 @@ class KvEventBatch(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., model_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ...) -> None: ...
 
 class PlaceRequest(_message.Message):
-    __slots__ = ("request_id", "model_id", "prompt_tokens", "max_tokens", "block_hashes")
+    __slots__ = ("request_id", "model_id", "prompt_tokens", "max_tokens", "block_hashes", "block_size")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_id: str
     prompt_tokens: int
     max_tokens: int
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+    block_size: int
+    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class PlaceResponse(_message.Message):
-    __slots__ = ("accepted", "reject_reason", "retry_after_s", "prefill", "decode", "kvstore", "cached_prefix_blocks", "predicted_ttft_s", "policy")
+    __slots__ = ("accepted", "reject_reason", "retry_after_s", "prefill", "decode", "kvstore", "cached_prefix_blocks", "predicted_ttft_s", "policy", "replicate_from", "replicate_blocks", "predicted_tbt_s")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REJECT_REASON_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +121,9 @@ class PlaceResponse(_message.Message):
     CACHED_PREFIX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_TTFT_S_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    REPLICATE_FROM_FIELD_NUMBER: _ClassVar[int]
+    REPLICATE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TBT_S_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reject_reason: str
     retry_after_s: float
@@ -128,7 +133,10 @@ class PlaceResponse(_message.Message):
     cached_prefix_blocks: int
     predicted_ttft_s: float
     policy: str
-    def __init__(self, accepted: _Optional[bool] = ..., reject_reason: _Optional[str] = ..., retry_after_s: _Optional[float] = ..., prefill: _Optional[_Union[InstanceInfo, _Mapping]] = ..., decode: _Optional[_Union[InstanceInfo, _Mapping]] = ..., kvstore: _Optional[_Union[InstanceInfo, _Mapping]] = ..., cached_prefix_blocks: _Optional[int] = ..., predicted_ttft_s: _Optional[float] = ..., policy: _Optional[str] = ...) -> None: ...
+    replicate_from: str
+    replicate_blocks: int
+    predicted_tbt_s: float
+    def __init__(self, accepted: _Optional[bool] = ..., reject_reason: _Optional[str] = ..., retry_after_s: _Optional[float] = ..., prefill: _Optional[_Union[InstanceInfo, _Mapping]] = ..., decode: _Optional[_Union[InstanceInfo, _Mapping]] = ..., kvstore: _Optional[_Union[InstanceInfo, _Mapping]] = ..., cached_prefix_blocks: _Optional[int] = ..., predicted_ttft_s: _Optional[float] = ..., policy: _Optional[str] = ..., replicate_from: _Optional[str] = ..., replicate_blocks: _Optional[int] = ..., predicted_tbt_s: _Optional[float] = ...) -> None: ...
 
 class FinishRequest(_message.Message):
     __slots__ = ("request_id", "prompt_tokens", "completion_tokens", "ttft_s", "mean_tbt_s", "ok")

@@ -1,0 +1,147 @@
+"""Fit the conductor's cost model from timings of the real engine, and save it where the conductor loads it.
+
+``python -m crescent.services.conductor.calibrate --out cost_model.json [--model default --device cuda]`` builds an
+``LLMEngine`` and times prefill at several (new, cached) sizes and decode steps at several (batch, context) sizes.
+:func:`calibrate` takes any factory of a :class:`ProfileTarget`, so tests use a synthetic one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from crescent.services.conductor.cost_model import CostModel, fit_decode, fit_prefill
+
+DEFAULT_PREFILL_POINTS = ((64, 0), (256, 0), (512, 0), (1024, 0), (256, 256), (256, 768), (512, 512))
+DEFAULT_DECODE_POINTS = ((1, 128), (4, 128), (8, 128), (16, 128), (8, 512), (16, 512), (4, 1024))
+
+
+class ProfileTarget(Protocol):
+    kv_bytes_per_token: int
+
+    def time_prefill(self, new_tokens: int, cached_tokens: int) -> float: ...
+
+    def time_decode_step(self, batch: int, context_per_seq: int) -> float: ...
+
+
+def calibrate(factory: Callable[[], ProfileTarget], prefill_points: Sequence[tuple[int, int]] = DEFAULT_PREFILL_POINTS,
+              decode_points: Sequence[tuple[int, int]] = DEFAULT_DECODE_POINTS, repeats: int = 3,
+              bandwidth_bps: dict[str, float] | None = None, source: str = "calibrated") -> CostModel:
+    """Median of ``repeats`` timings per point, then a least-squares fit of each cost curve."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    target = factory()
+    target.time_prefill(*prefill_points[0])  # warm-up: first calls pay allocation and compilation
+    target.time_decode_step(*decode_points[0])
+    prefill = [(n, c, statistics.median(target.time_prefill(n, c) for _ in range(repeats)))
+               for n, c in prefill_points]
+    decode = [(b, b * ctx, statistics.median(target.time_decode_step(b, ctx) for _ in range(repeats)))
+              for b, ctx in decode_points]
+    model = CostModel(prefill_s=fit_prefill(prefill), decode_step_s=fit_decode(decode),
+                      kv_bytes_per_token=target.kv_bytes_per_token, source=source)
+    if bandwidth_bps:
+        model.bandwidth_bps.update(bandwidth_bps)
+    return model
+
+
+class EngineProfile:
+    """Times a real ``LLMEngine``. Prompts are fresh random tokens, so only the intended prefix is ever cached."""
+
+    def __init__(self, engine, seed: int = 0, decode_steps: int = 8) -> None:
+        from crescent.services.worker.model_runner import kv_block_bytes
+
+        self.engine = engine
+        self.rng = random.Random(seed)
+        dtype = next(engine.model.parameters()).dtype
+        bs = engine.settings.kv_block_size
+        self.kv_bytes_per_token = kv_block_bytes(engine.config, bs, dtype) // bs
+        self._n = 0
+        self.decode_steps = decode_steps
+
+    def _tokens(self, n: int) -> list[int]:
+        vocab = self.engine.config.vocab_size
+        return [self.rng.randrange(vocab) for _ in range(n)]
+
+    def _params(self, max_tokens: int):
+        from crescent.services.worker.sampling_params import SamplingParams
+
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+    def _sync(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def time_prefill(self, new_tokens: int, cached_tokens: int) -> float:
+        prefix = self._tokens(cached_tokens)
+        if cached_tokens:
+            self.engine.generate([prefix], self._params(1))  # puts the prefix in the prefix cache
+        prompt = prefix + self._tokens(new_tokens)
+        self._sync()
+        start = time.perf_counter()
+        self.engine.generate([prompt], self._params(1))
+        self._sync()
+        return time.perf_counter() - start
+
+    def time_decode_step(self, batch: int, context_per_seq: int) -> float:
+        steps = self.decode_steps
+        ids = []
+        for _ in range(batch):
+            self._n += 1
+            ids.append(f"calib-{self._n}")
+            self.engine.add_request(ids[-1], self._tokens(context_per_seq), self._params(steps + 2))
+        started: set[str] = set()
+        while len(started) < batch:  # run every prefill first: only steady decode steps are timed
+            started.update(o.request_id for o in self.engine.step() if o.new_token_ids)
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.engine.step()
+        self._sync()
+        elapsed = (time.perf_counter() - start) / steps
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+        return elapsed
+
+
+def _points(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        pairs = tuple(tuple(int(x) for x in item.split(":")) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a,b pairs like 64:0,256:0; got {text!r}") from None
+    if len(pairs) < 3 or any(len(p) != 2 or min(p) < 0 for p in pairs):
+        raise argparse.ArgumentTypeError(f"need >= 3 non-negative a:b pairs, got {text!r}")
+    return pairs  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from crescent.services.common.settings import add_settings_flags, settings_from_flags
+    from crescent.services.worker.engine import LLMEngine
+    from crescent.services.worker.settings import EngineSettings
+
+    parser = argparse.ArgumentParser(prog="crescent-calibrate", description=__doc__)
+    parser.add_argument("--out", required=True, help="Where to write the cost model JSON.")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefill-points", type=_points, default=DEFAULT_PREFILL_POINTS,
+                        help="new:cached token pairs to time prefill at, e.g. 64:0,256:0,256:256")
+    parser.add_argument("--decode-points", type=_points, default=DEFAULT_DECODE_POINTS,
+                        help="batch:context-per-sequence pairs to time a decode step at, e.g. 1:128,8:128")
+    parser.add_argument("--decode-steps", type=int, default=8, help="Decode steps timed per point.")
+    add_settings_flags(parser, EngineSettings)
+    args = parser.parse_args(argv)
+    settings = settings_from_flags(EngineSettings, args)
+    model = calibrate(lambda: EngineProfile(LLMEngine.from_settings(settings), decode_steps=args.decode_steps),
+                      args.prefill_points, args.decode_points, repeats=args.repeats,
+                      source=f"calibrated: model={settings.model} device={settings.resolved_device()} "
+                             f"dtype={settings.dtype} threads={settings.torch_threads or 'default'}")
+    model.save(args.out)
+    print(model.to_json())
+
+
+if __name__ == "__main__":
+    main()

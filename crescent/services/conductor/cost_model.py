@@ -1,0 +1,137 @@
+"""How long things take: prefill, one decode step, moving KV between tiers. Fit from measurements, kept as JSON.
+
+Shapes of the fits (seconds):
+- prefill(new, cached) = p0 + p1*new + p2*new*(cached + new/2): a fixed launch cost, per-token linear layers, and
+  attention over every (query, key) pair the new tokens see (cached keys, plus half of the new ones: causal);
+- decode_step(batch, context) = d0 + d1*batch + d2*context: decode is memory-bound, so a step costs the weights
+  (d0), per-sequence work (d1) and reading every cached K/V in the batch (d2 per context token);
+- transfer(tokens, tier) = latency + tokens * kv_bytes_per_token / bandwidth(tier).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from crescent.services.conductor.cluster import Tier
+
+
+@dataclass
+class CostModel:
+    prefill_s: tuple[float, float, float] = (0.02, 1.2e-4, 2.0e-9)  # p0, p1, p2
+    decode_step_s: tuple[float, float, float] = (0.025, 1.0e-4, 1.5e-8)  # d0, d1, d2
+    kv_bytes_per_token: int = 327_680  # LLaMA2-70B: 80 layers * 8 KV heads * 128 dims * 2 (K, V) * 2 bytes
+    # Bytes/s a prefill instance reads KV at, by where it lives. DEVICE means "another worker's cache, over the
+    # network"; a worker's own cache costs nothing.
+    bandwidth_bps: dict[str, float] = field(default_factory=lambda: {
+        "DEVICE": 12.5e9, "DRAM": 12.5e9, "SSD": 3.0e9})
+    transfer_latency_s: float = 0.002
+    source: str = "default (LLaMA2-70B on 8 GPUs, arithmetic estimate; not measured)"
+
+    def __post_init__(self) -> None:
+        self.prefill_s = tuple(float(x) for x in self.prefill_s)  # type: ignore[assignment]
+        self.decode_step_s = tuple(float(x) for x in self.decode_step_s)  # type: ignore[assignment]
+        if len(self.prefill_s) != 3 or len(self.decode_step_s) != 3:
+            raise ValueError("prefill_s and decode_step_s need exactly 3 coefficients each")
+        for tier in ("DEVICE", "DRAM", "SSD"):
+            if self.bandwidth_bps.get(tier, 0) <= 0:
+                raise ValueError(f"bandwidth_bps[{tier!r}] must be positive")
+
+    def prefill_time(self, new_tokens: int, cached_tokens: int = 0) -> float:
+        if new_tokens <= 0:
+            return 0.0
+        p0, p1, p2 = self.prefill_s
+        return p0 + p1 * new_tokens + p2 * new_tokens * (cached_tokens + new_tokens / 2)
+
+    def queue_time(self, waiting: int, queued_tokens: int) -> float:
+        """Time to drain a prefill queue known only by its request count and token total.
+
+        The attention term assumes equal-length requests (the split is unknown): sum(n_i^2/2) ~ T^2 / (2 w).
+        """
+        if queued_tokens <= 0:
+            return 0.0
+        p0, p1, p2 = self.prefill_s
+        w = max(waiting, 1)
+        return p0 * w + p1 * queued_tokens + p2 * queued_tokens * queued_tokens / (2 * w)
+
+    def decode_step_time(self, batch: int, context_tokens: int) -> float:
+        if batch <= 0:
+            return 0.0
+        d0, d1, d2 = self.decode_step_s
+        return d0 + d1 * batch + d2 * context_tokens
+
+    def transfer_time(self, tokens: int, tier: Tier) -> float:
+        if tokens <= 0:
+            return 0.0
+        return self.transfer_latency_s + tokens * self.kv_bytes_per_token / self.bandwidth_bps[tier.name]
+
+    def tiers_transfer_time(self, tiers: list[Tier], block_size: int) -> float:
+        """Time to read a prefix whose blocks live in ``tiers`` (one entry per block), each at its tier's rate."""
+        if not tiers:
+            return 0.0
+        seconds = sum(block_size * self.kv_bytes_per_token / self.bandwidth_bps[t.name] for t in tiers)
+        return self.transfer_latency_s + seconds
+
+    # -- persistence ---------------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> CostModel:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"cost model is not valid JSON: {e}") from e
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown cost model fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        return cls.from_json(Path(path).read_text())
+
+
+def fit_prefill(samples: list[tuple[int, int, float]]) -> tuple[float, float, float]:
+    """Least-squares (non-negative by clipping) fit of p0, p1, p2 from (new, cached, seconds) samples."""
+    if len(samples) < 3:
+        raise ValueError("need at least 3 prefill samples to fit 3 coefficients")
+    a = np.array([[1.0, n, n * (c + n / 2)] for n, c, _ in samples])
+    y = np.array([s for _, _, s in samples])
+    return _nonneg_lstsq(a, y)
+
+
+def fit_decode(samples: list[tuple[int, int, float]]) -> tuple[float, float, float]:
+    """Fit d0, d1, d2 from (batch, total context tokens, seconds per step) samples."""
+    if len(samples) < 3:
+        raise ValueError("need at least 3 decode samples to fit 3 coefficients")
+    a = np.array([[1.0, b, c] for b, c, _ in samples], dtype=float)
+    y = np.array([s for _, _, s in samples])
+    return _nonneg_lstsq(a, y)
+
+
+def _nonneg_lstsq(a: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    # Scale columns so the tiny quadratic coefficient is not lost to conditioning, then refit without any
+    # coefficient that came out negative (a negative cost is noise, and would predict negative times).
+    scale = np.maximum(np.abs(a).max(axis=0), 1e-30)
+    active = [0, 1, 2]
+    coef = np.zeros(3)
+    while active:
+        sol, *_ = np.linalg.lstsq(a[:, active] / scale[active], y, rcond=None)
+        sol = sol / scale[active]
+        if (sol >= 0).all():
+            coef[:] = 0
+            coef[active] = sol
+            break
+        active = [i for i, v in zip(active, sol, strict=True) if v >= 0]
+    if not math.isfinite(coef.sum()):
+        raise ValueError("cost model fit did not converge")
+    return float(coef[0]), float(coef[1]), float(coef[2])

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from crescent.services.conductor.calibrate import calibrate
+from crescent.services.conductor.cluster import Tier
+from crescent.services.conductor.cost_model import CostModel, fit_decode, fit_prefill
+
+TRUE_PREFILL = (0.01, 2e-4, 3e-8)
+TRUE_DECODE = (0.02, 5e-4, 2e-7)
+
+
+class SyntheticEngine:
+    """Timings from known coefficients plus 1% noise: the fit must recover them."""
+
+    kv_bytes_per_token = 4096
+
+    def __init__(self) -> None:
+        self.rng = random.Random(0)
+        self.truth = CostModel(prefill_s=TRUE_PREFILL, decode_step_s=TRUE_DECODE)
+
+    def _noise(self) -> float:
+        return 1 + self.rng.uniform(-0.01, 0.01)
+
+    def time_prefill(self, new_tokens: int, cached_tokens: int) -> float:
+        return self.truth.prefill_time(new_tokens, cached_tokens) * self._noise()
+
+    def time_decode_step(self, batch: int, context_per_seq: int) -> float:
+        return self.truth.decode_step_time(batch, batch * context_per_seq) * self._noise()
+
+
+def test_calibrate_recovers_the_coefficients_and_round_trips(tmp_path):
+    model = calibrate(SyntheticEngine, repeats=3, bandwidth_bps={"SSD": 1e9})
+    truth = SyntheticEngine().truth
+    for n, c in [(100, 0), (2000, 0), (500, 1500)]:
+        assert model.prefill_time(n, c) == pytest.approx(truth.prefill_time(n, c), rel=0.05)
+    for b, ctx in [(1, 100), (32, 32 * 600)]:
+        assert model.decode_step_time(b, ctx) == pytest.approx(truth.decode_step_time(b, ctx), rel=0.05)
+    assert model.kv_bytes_per_token == 4096 and model.bandwidth_bps["SSD"] == 1e9
+    path = tmp_path / "cost.json"
+    model.save(path)
+    assert CostModel.load(path) == model
+
+
+def test_fit_never_returns_negative_costs():
+    # Flat timings: a free fit would give a negative slope somewhere; costs must stay >= 0.
+    samples = [(n, 0, 0.05 + (0.001 if n == 64 else 0.0)) for n in (64, 128, 256, 512)]
+    assert all(c >= 0 for c in fit_prefill(samples))
+    assert all(c >= 0 for c in fit_decode([(b, b * 100, 0.03) for b in (1, 2, 4, 8)]))
+
+
+def test_bad_inputs_say_what_is_wrong():
+    with pytest.raises(ValueError, match="at least 3"):
+        fit_prefill([(1, 0, 0.1)])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        CostModel.from_json("{oops")
+    with pytest.raises(ValueError, match="unknown cost model fields"):
+        CostModel.from_json('{"prefil_s": [0, 0, 0]}')
+    with pytest.raises(ValueError, match="bandwidth"):
+        CostModel(bandwidth_bps={"DEVICE": 1.0, "DRAM": 0.0, "SSD": 1.0})
+
+
+def test_transfer_time_by_tier():
+    m = CostModel(kv_bytes_per_token=1000, bandwidth_bps={"DEVICE": 1e6, "DRAM": 1e7, "SSD": 1e6},
+                  transfer_latency_s=0.0)
+    assert m.transfer_time(1000, Tier.DRAM) == pytest.approx(0.1)
+    assert m.tiers_transfer_time([Tier.DRAM, Tier.SSD], block_size=10) == pytest.approx(0.001 + 0.01)
+    assert m.prefill_time(0) == 0.0 and m.decode_step_time(0, 0) == 0.0
