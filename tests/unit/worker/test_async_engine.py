@@ -1,0 +1,125 @@
+"""AsyncEngine: streaming, cancellation frees blocks, call() between steps, failures stay per request, idle sleep."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from crescent.services.worker.async_engine import AsyncEngine, EngineError
+from crescent.services.worker.sampling_params import SamplingParams
+from tests.unit.worker.helpers import make_engine, prompts, tiny_model
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture()
+def aengine():
+    engine = AsyncEngine(make_engine(tiny_model())).start()
+    yield engine
+    engine.shutdown()
+
+
+async def collect(aengine, rid, prompt, params=GREEDY, **kw):
+    return [o async for o in aengine.generate(rid, prompt, params, **kw)]
+
+
+def test_streams_match_the_sync_engine(aengine):
+    ps = prompts(3, seed=9)
+    expected = make_engine(tiny_model()).generate(ps, GREEDY)
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*(collect(aengine, f"r{i}", p) for i, p in enumerate(ps))), 30)
+
+    streams = asyncio.run(main())
+    for outs, exp in zip(streams, expected, strict=True):
+        assert [t for o in outs for t in o.new_token_ids] == exp.token_ids
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+
+
+def test_cancel_aborts_and_frees_blocks(aengine):
+    async def main():
+        total = (await aengine.call(lambda e: e.stats())).total_blocks
+        seen = []
+
+        async def consume():
+            async for out in aengine.generate("long", list(range(30)), SamplingParams(max_tokens=200, ignore_eos=True)):
+                seen.append(out)
+
+        task = asyncio.create_task(consume())
+        for _ in range(200):  # bounded wait for the stream to start
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        assert (await aengine.call(lambda e: e.stats())).free_blocks < total
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            stats = await aengine.call(lambda e: e.stats())
+            if stats.free_blocks == total and stats.running == 0:
+                break
+            await asyncio.sleep(0.01)
+        return seen, stats, total, await aengine.call(lambda e: e.has_unfinished_requests())
+
+    seen, stats, total, unfinished = asyncio.run(asyncio.wait_for(main(), 30))
+    assert seen and not seen[-1].finished
+    assert stats.free_blocks == total and stats.running == stats.waiting == 0 and not unfinished
+
+
+def test_breaking_out_of_the_iterator_aborts(aengine):
+    async def main():
+        gen = aengine.generate("b", [1, 2, 3], SamplingParams(max_tokens=500, ignore_eos=True))
+        async for _ in gen:
+            break
+        await gen.aclose()
+        for _ in range(200):
+            if not await aengine.call(lambda e: e.has_unfinished_requests()):
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_call_runs_in_the_engine_thread_and_raises(aengine):
+    async def main():
+        name = await aengine.call(lambda e: __import__("threading").current_thread().name)
+        with pytest.raises(KeyError):
+            await aengine.call(lambda e: e.export_request_blocks("nope"))
+        with pytest.raises(ValueError, match="empty"):
+            await collect(aengine, "x", [])
+        return name
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == "crescent-engine"
+
+
+def test_a_failing_step_fails_only_its_requests(aengine):
+    runner = aengine.engine.runner
+    real_run = runner.run
+
+    def flaky_run(batch):
+        if any(item.seq.request_id == "bad" for item in batch.seqs):
+            raise RuntimeError("injected failure")
+        return real_run(batch)
+
+    runner.run = flaky_run
+
+    async def main():
+        with pytest.raises(EngineError, match="injected failure"):
+            await collect(aengine, "bad", [4, 5, 6])
+        return await collect(aengine, "good", [4, 5, 6])  # the loop is alive and serves the next request
+
+    outs = asyncio.run(asyncio.wait_for(main(), 30))
+    assert outs[-1].finished and outs[-1].completion_tokens == 6
+    assert aengine.running
+
+
+def test_idle_loop_sleeps(aengine):
+    time.sleep(0.05)
+    start = time.thread_time()
+    t0 = time.process_time()
+    time.sleep(0.3)
+    assert time.process_time() - t0 < 0.1  # a busy-waiting loop would burn ~0.3 s of CPU here
+    assert time.thread_time() - start < 0.05
