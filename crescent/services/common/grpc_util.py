@@ -1,0 +1,90 @@
+"""gRPC helpers every service shares: async servers with health checking, a channel pool, metrics endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+log = logging.getLogger(__name__)
+
+# Large enough for a batch of KV blocks or a long prompt; the default 4 MiB is not.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_http_proxy", 0),  # loopback and cluster traffic must never go through a proxy
+]
+
+
+class GrpcServer:
+    """An asyncio gRPC server with the standard health service; serving status flips with :meth:`set_serving`."""
+
+    def __init__(self, host: str, port: int, service_name: str):
+        self.address = f"{host}:{port}"
+        self.service_name = service_name
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        bound = self.server.add_insecure_port(self.address)
+        if bound == 0:
+            raise OSError(f"cannot bind gRPC port {self.address}")
+        self.port = bound  # the real port when 0 asked the OS to pick one
+        self.address = f"{host}:{bound}"
+
+    def add(self, add_fn: Callable[[object, grpc.aio.Server], None], servicer: object) -> None:
+        add_fn(servicer, self.server)
+
+    async def start(self, serving: bool = False) -> None:
+        await self.server.start()
+        await self.set_serving(serving)
+        log.info("gRPC %s listening on %s", self.service_name, self.address)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", self.service_name):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+
+class ChannelPool:
+    """One insecure aio channel per address, reused across requests (a channel per request costs a handshake)."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return channel
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+
+
+async def check_health(address: str, timeout_s: float = 1.0, service: str = "") -> bool:
+    """True when the gRPC server at ``address`` reports SERVING."""
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def start_metrics_server(host: str, port: int) -> None:
+    """Expose the default Prometheus registry on ``host:port`` (0 = no metrics endpoint)."""
+    if port:
+        start_http_server(port, addr=host)
+        log.info("metrics on http://%s:%d/metrics", host, port)

@@ -1,0 +1,86 @@
+"""OpenAI-style errors: ``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from crescent.services.common.metrics import GATEWAY_REQUESTS
+
+log = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable",
+          504: "timeout_error"}
+
+
+class ApiError(Exception):
+    """An error the client sees as OpenAI error JSON with ``status``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {}
+        if self.retry_after_s is not None:
+            # Retry-After is whole seconds; never 0, or clients hammer us.
+            headers["Retry-After"] = str(max(1, round(self.retry_after_s)))
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    return (f"{param}: {first.get('msg')}" if param else str(first.get("msg"))), param
+
+
+_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+_OUTCOMES = {400: "bad_request", 404: "not_found", 413: "bad_request", 429: "rejected", 503: "rejected"}
+
+
+def _count(request: Request, status: int) -> None:
+    endpoint = _ENDPOINTS.get(request.url.path)
+    if endpoint is not None:
+        GATEWAY_REQUESTS.labels(endpoint=endpoint, outcome=_OUTCOMES.get(status, "error")).inc()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        _count(request, exc.status)
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI says 422; OpenAI clients expect 400 for a malformed request.
+        message, param = _validation_message(exc)
+        _count(request, 400)
+        return ApiError(400, message, param=param, code="invalid_request").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return ApiError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        _count(request, 500)
+        return ApiError(500, f"internal error: {type(exc).__name__}").response()

@@ -1,0 +1,117 @@
+"""The Prefill RPC: reuse what the worker or the store already holds, compute the rest, publish the new blocks.
+
+Store trouble never fails a request: a failed load computes locally, a failed put only means decode recomputes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from crescent.proto.v1 import prefill_pb2, prefill_pb2_grpc
+from crescent.services.common import metrics as m
+from crescent.services.common.hashing import prefix_block_hashes
+from crescent.services.common.kv_transfer import KvTransfer
+from crescent.services.common.worker_service import WorkerRuntime, logprob_to_proto, sampling_from_proto
+from crescent.services.worker.async_engine import EngineError
+
+log = logging.getLogger(__name__)
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, runtime: WorkerRuntime):
+        self.rt = runtime
+        self._kv: KvTransfer | None = None
+
+    def kv(self) -> KvTransfer:
+        if self._kv is None:
+            engine = self.rt.engine.engine
+            cfg = engine.config
+            shape = (cfg.num_hidden_layers, 2, engine.block_manager.block_size, cfg.num_key_value_heads,
+                     cfg.head_dim)
+            self._kv = KvTransfer(shape, engine.runner.dtype, self.rt.settings.kvstore_timeout_s)
+        return self._kv
+
+    async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        engine = await self.rt.require_engine(context)
+        self.rt.in_flight += 1
+        try:
+            reply = await self._prefill(engine, request, context)
+            m.WORKER_REQUESTS.labels("prefill", "ok").inc()
+            return reply
+        except (ValueError, KeyError) as exc:
+            m.WORKER_REQUESTS.labels("prefill", "bad_request").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except EngineError as exc:
+            m.WORKER_REQUESTS.labels("prefill", "error").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        finally:
+            self.rt.in_flight -= 1
+
+    async def _prefill(self, engine, request, context) -> prefill_pb2.PrefillResponse:
+        started = time.perf_counter()
+        rid = request.request_id or f"prefill-{id(request)}"
+        ids = list(request.prompt_token_ids)
+        params = sampling_from_proto(request.sampling)
+        # Only the first token is sampled here (the sampler ignores stop rules, so it is decode's token 0 too).
+        params.max_tokens, params.min_tokens = 1, 0
+        bs = self.rt.settings.kv_block_size
+        hashes = prefix_block_hashes(ids, bs, self.rt.model_id)
+        store = (request.kvstore_address, request.kvstore_transport)
+        in_store, loaded_blocks = await self._load_from_store(engine, store, hashes)
+
+        final = None
+        async for out in engine.generate(rid, ids, params, hold_kv=True):
+            final = out
+        if final is None or not final.token_ids:
+            raise EngineError(f"request {rid} produced no token")
+        try:
+            full_hashes, blocks = await engine.call(lambda e: e.export_request_blocks(rid))
+        finally:
+            await engine.call(lambda e: e.release(rid))
+        stored = await self._store_new(store, full_hashes, blocks, in_store)
+        if self.rt.link:
+            await self.rt.link.report_stored(self.rt.model_id, full_hashes)
+
+        loaded = loaded_blocks * bs
+        cached = max(0, final.cached_tokens - loaded)
+        computed = len(ids) - final.cached_tokens
+        m.WORKER_STORE_HITS.labels("prefill").inc(loaded)
+        m.WORKER_PROMPT_TOKENS.labels("prefill").inc(computed)
+        m.WORKER_GENERATION_TOKENS.labels("prefill").inc(1)
+        reply = prefill_pb2.PrefillResponse(first_token_id=final.token_ids[0], cached_tokens=cached,
+                                            loaded_tokens=loaded, computed_tokens=computed,
+                                            block_hashes=full_hashes if stored >= 0 else [],
+                                            stored_blocks=max(0, stored), prefill_s=time.perf_counter() - started)
+        if final.new_logprobs:
+            reply.first_logprob.CopyFrom(logprob_to_proto(final.new_logprobs[-1]))
+        return reply
+
+    async def _load_from_store(self, engine, store: tuple[str, str], hashes: list[int]) -> tuple[int, int]:
+        """(blocks the store holds, blocks loaded from it into this worker's cache)."""
+        if not store[0] or not hashes:
+            return 0, 0
+        try:
+            local = await engine.call(lambda e: e.cached_prefix_blocks(hashes))
+            in_store = await self.kv().lookup(*store, self.rt.model_id, hashes)
+            if in_store <= local:
+                return in_store, 0
+            blocks = await self.kv().get(*store, self.rt.model_id, hashes[local:in_store])
+            wanted = hashes[local:local + len(blocks)]
+            await engine.call(lambda e: e.import_blocks(wanted, blocks))
+            return in_store, len(blocks)
+        except Exception as exc:  # the store is an optimisation: compute instead
+            log.warning("kvstore load failed (%s); computing the prompt", exc)
+            return 0, 0
+
+    async def _store_new(self, store: tuple[str, str], hashes: list[int], blocks, in_store: int) -> int:
+        """Put the blocks the store lacks; -1 when the put failed (decode must then recompute)."""
+        if not store[0]:
+            return -1
+        try:
+            return await self.kv().put(*store, self.rt.model_id, hashes[in_store:], blocks[in_store:])
+        except Exception as exc:
+            log.warning("kvstore put failed (%s); decode will recompute", exc)
+            return -1

@@ -1,0 +1,226 @@
+"""The gateway's OpenAI API against fake conductor/prefill/decode gRPC servers (real sockets, no model)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from crescent.services.common.launcher import free_port
+from crescent.services.gateway.server import create_app
+from crescent.services.gateway.settings import GatewaySettings
+from crescent.services.gateway.tokens import PromptEncoder
+from tests.integration.fake_cluster import REPLY, CharTokenizer, FakeCluster
+
+MODEL = "fake-model"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    fake = FakeCluster().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def base_url(cluster):
+    port = free_port()
+    settings = GatewaySettings(port=port, conductor_address=cluster.address, served_model_name=MODEL,
+                               ready_poll_s=0.1, request_timeout_s=20, api_key="")
+    app = create_app(settings, encoder=PromptEncoder(CharTokenizer(), max_model_len=200))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    else:
+        pytest.fail("gateway did not become ready")
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def _reset(cluster):
+    cluster.reject_reason, cluster.fail_decode_after, cluster.token_delay_s = "", -1, 0.0
+
+
+@pytest.fixture()
+def client(base_url):
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=10)
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_chat_non_streaming_usage_and_finish(client, cluster):
+    before = len(cluster.finished)
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    assert reply.choices[0].message.content == REPLY[:5]
+    assert reply.choices[0].finish_reason == "length"
+    prompt_len = len("<user>hi\n<assistant>")
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_len, 5)
+    assert len(cluster.finished) == before + 1 and cluster.finished[-1].ok
+    assert cluster.placed[-1].prompt_tokens == prompt_len and cluster.placed[-1].max_tokens == 5
+    assert cluster.placed[-1].block_size == 16 and len(cluster.placed[-1].block_hashes) == prompt_len // 16
+
+
+def test_chat_streaming_role_first_then_one_finish_and_usage(client):
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True,
+                                            stream_options={"include_usage": True}, max_tokens=100)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == REPLY
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert reasons == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(REPLY)
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stop_and_max_tokens_one(client):
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], stop=[","],
+                                           max_tokens=50)
+    assert reply.choices[0].message.content == "Hello world" and reply.choices[0].finish_reason == "stop"
+    one = client.completions.create(model=MODEL, prompt="abc", max_tokens=1)
+    assert one.choices[0].text == "H" and one.choices[0].finish_reason == "length"
+
+
+def test_n_two_seeded_choices_get_distinct_seeds(client, cluster):
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2, seed=7,
+                                           max_tokens=3)
+    assert sorted(c.index for c in reply.choices) == [0, 1]
+    assert sorted(cluster.seeds[-2:]) == [7, 8]
+    assert reply.usage.prompt_tokens == len("<user>x\n<assistant>") and reply.usage.completion_tokens == 6
+
+
+def test_completion_logprobs_and_chat_top_logprobs(client):
+    comp = client.completions.create(model=MODEL, prompt="abc", max_tokens=3, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert lp.tokens == list(REPLY[:3]) and lp.text_offset == [0, 1, 2] and len(lp.top_logprobs[0]) == 2
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                          logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert [c.token for c in content] == list(REPLY[:2]) and len(content[0].top_logprobs) == 3
+
+
+def test_errors_are_openai_json(client, base_url):
+    with pytest.raises(openai.NotFoundError) as nf:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert nf.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=[], max_tokens=0)
+    assert bad.value.status_code == 400 and "messages" in bad.value.body["message"]
+    too_long = httpx.post(base_url + "/v1/completions", json={"model": MODEL, "prompt": "y" * 300}, timeout=5)
+    assert too_long.status_code == 413 and too_long.json()["error"]["code"] == "context_length_exceeded"
+    not_json = httpx.post(base_url + "/v1/chat/completions", content=b"{", timeout=5,
+                          headers={"content-type": "application/json"})
+    assert not_json.status_code == 400 and "error" in not_json.json()
+
+
+def test_rejection_is_429_with_retry_after(client, base_url, cluster):
+    cluster.reject_reason = "queue_full"
+    r = httpx.post(base_url + "/v1/chat/completions", json={"model": MODEL, "stream": True,
+                                                            "messages": [{"role": "user", "content": "x"}]}, timeout=5)
+    assert r.status_code == 429 and r.headers["retry-after"] == "2"
+    assert r.json()["error"]["code"] == "queue_full"
+
+
+def test_request_id_echoed_or_generated(base_url):
+    r = httpx.get(base_url + "/v1/models", headers={"X-Request-Id": "abc-123"}, timeout=5)
+    assert r.headers["x-request-id"] == "abc-123"
+    assert len(httpx.get(base_url + "/v1/models", timeout=5).headers["x-request-id"]) == 32
+
+
+def test_failure_mid_stream_is_an_sse_error_then_done(base_url, cluster):
+    cluster.fail_decode_after = 3
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}], "max_tokens": 20}
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=10) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200
+    assert '"error"' in lines[-2] and lines[-1] == "data: [DONE]"
+    assert not cluster.finished[-1].ok
+
+
+def test_client_disconnect_cancels_decode_and_finishes(base_url, cluster):
+    cluster.token_delay_s = 0.05
+    before = len(cluster.finished)
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}], "max_tokens": 30}
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=10) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 4:
+                break  # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (len(cluster.finished) == before or not cluster.cancelled):
+        time.sleep(0.05)
+    assert cluster.cancelled, "decode stream was not cancelled"
+    assert len(cluster.finished) == before + 1 and not cluster.finished[-1].ok
+
+
+def test_metrics_exposes_gateway_and_vllm_names(base_url):
+    text = httpx.get(base_url + "/metrics", timeout=5).text
+    assert "crescent_gateway_time_to_first_token_seconds_count" in text
+    assert "vllm:time_to_first_token_seconds_count" in text
+
+
+def test_bad_token_ids_are_400(client):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=[-1, 5], max_tokens=2)
+
+
+def _app(**overrides):
+    from fastapi.testclient import TestClient
+
+    settings = GatewaySettings(served_model_name=MODEL, ready_poll_s=0.05, **overrides)
+    return TestClient(create_app(settings, encoder=PromptEncoder(CharTokenizer(), max_model_len=200)))
+
+
+def test_api_key_is_required_when_set(cluster):
+    with _app(api_key="sekret", conductor_address=cluster.address) as http:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        denied = http.post("/v1/chat/completions", json=body)
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+        assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        deadline = time.monotonic() + 5
+        while http.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ok = http.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer sekret"})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == REPLY[:2]
+
+
+def test_not_ready_is_503_while_the_conductor_is_unreachable():
+    with _app(conductor_address=f"127.0.0.1:{free_port()}", rpc_timeout_s=0.5) as http:
+        health = http.get("/health")
+        assert health.status_code == 503 and health.json()["error"]["type"] == "service_unavailable"
+        r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 503 and "retry-after" in r.headers
+
+
+def test_streaming_n_two_gives_each_choice_its_role_text_and_one_finish(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2,
+                                                 max_tokens=4, stream=True))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        roles = [ch for c in chunks for ch in c.choices if ch.index == index and ch.delta.role == "assistant"]
+        assert len(roles) == 1
+        assert "".join(ch.delta.content or "" for ch in mine) == REPLY[:4]
+        assert [ch.finish_reason for ch in mine if ch.finish_reason] == ["length"]
+
+
+def test_completions_with_several_prompts_index_choices_prompt_major(client):
+    reply = client.completions.create(model=MODEL, prompt=["ab", "abcd"], n=2, max_tokens=2)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert all(c.text == REPLY[:2] for c in reply.choices)
+    assert reply.usage.prompt_tokens == 2 + 4 and reply.usage.completion_tokens == 8

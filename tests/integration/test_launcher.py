@@ -1,0 +1,55 @@
+"""ServiceGroup: health waits, a dead child is noticed, stop escalates SIGTERM -> SIGKILL within the grace."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from crescent.services.common.launcher import ServiceGroup, free_port, http_ok
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+STUBBORN = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(60)"]
+
+
+def test_wait_healthy_fails_fast_when_a_child_exits(tmp_path):
+    group = ServiceGroup(tmp_path)
+    group.start("ok", SLEEPER, health=lambda: False)
+    group.start("crashes", [sys.executable, "-c", "raise SystemExit(3)"], health=lambda: False)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="crashes"):
+        group.wait_healthy(timeout_s=20)
+    assert time.monotonic() - started < 10
+    group.stop(grace_s=5)
+    assert all(c.proc.poll() is not None for c in group.children)
+
+
+def test_wait_healthy_times_out(tmp_path):
+    group = ServiceGroup(tmp_path)
+    group.start("never-healthy", SLEEPER, health=http_ok(f"http://127.0.0.1:{free_port()}/health", 0.2))
+    with pytest.raises(TimeoutError, match="never-healthy"):
+        group.wait_healthy(timeout_s=1.0)
+    group.stop(grace_s=5)
+
+
+def test_stop_kills_a_child_that_ignores_sigterm(tmp_path):
+    group = ServiceGroup(tmp_path)
+    child = group.start("stubborn", STUBBORN)
+    deadline = time.monotonic() + 20
+    while "ready" not in (tmp_path / "stubborn.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    group.stop(grace_s=1.0)
+    assert child.proc.returncode == -9 and time.monotonic() - started < 8
+
+
+def test_kill_one_leaves_the_others(tmp_path):
+    group = ServiceGroup(tmp_path)
+    group.start("a", SLEEPER)
+    group.start("b", SLEEPER)
+    group.kill("a")
+    assert group.dead() == ["a (exit -9)"]
+    group.stop(grace_s=5)
+    assert group.children[1].proc.returncode == -15
