@@ -44,7 +44,10 @@ def load_config(path: str | Path) -> ModelConfig:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                config: ModelConfig | None = None) -> tuple[LlamaForCausalLM, Tokenizer, ModelConfig]:
-    """Load ``(model, tokenizer, config)``; pass ``config`` to override the folder's (e.g. ``with_attention``)."""
+    """Load ``(model, tokenizer, config)``; pass ``config`` to override the folder's (e.g. ``with_attention``).
+
+    The model comes back in eval mode and ``prepare_for_inference()``d (fused projections; training is unaffected:
+    the fused path only runs without autograd)."""
     folder = Path(path)
     config = config or load_config(folder)
     try:
@@ -71,7 +74,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                                  f"config.json implies {tuple(ref.shape)}")
     model.load_state_dict({k: state[k].to(dtype) for k in expected}, strict=False, assign=True)
     model.tie_weights()
-    return model.to(device).eval(), tokenizer, config
+    return model.to(device).eval().prepare_for_inference(), tokenizer, config
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -99,12 +102,19 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """safetensors refuses tensors sharing storage: copy views (e.g. fused q/k/v slices) out of their parent."""
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
 def save_model(model: LlamaForCausalLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
                dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` as an HF folder (config.json + model.safetensors), copying tokenizer files if given."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: _own_storage(v.detach().to("cpu", dtype or v.dtype)) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
