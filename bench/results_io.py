@@ -25,6 +25,15 @@ def git_commit() -> str:
         return "unknown"
 
 
+def command_line() -> str:
+    """How this process was started, as a person would retype it (``python -m pkg.mod args`` for modules)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        name = spec.name.removesuffix(".__main__")
+        return " ".join(["python", "-m", name, *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "processor": platform.processor()}
@@ -47,7 +56,7 @@ def write_result(name: str, config: dict[str, Any], results: dict[str, Any], fig
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {
         "name": name,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "commit": git_commit(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(),
