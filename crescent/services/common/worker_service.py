@@ -22,6 +22,7 @@ from pydantic import Field
 from crescent.proto.v1 import common_pb2, conductor_pb2
 from crescent.services.common import metrics as m
 from crescent.services.common.grpc_util import GrpcServer, start_metrics_server
+from crescent.services.common.kv_transfer import KvTransfer
 from crescent.services.common.logging import setup_logging
 from crescent.services.common.worker_link import ConductorLink
 from crescent.services.worker.outputs import EngineStats
@@ -71,6 +72,17 @@ class WorkerRuntime:
         self.in_flight = 0
         self.link: ConductorLink | None = None
         self._seen = {"query": 0, "hit": 0, "preempt": 0}
+        self._kv: KvTransfer | None = None
+
+    def kv_transfer(self) -> KvTransfer:
+        """Moves this engine's KV blocks to and from the store (built once, on first use)."""
+        if self._kv is None:
+            engine = self.engine.engine
+            cfg = engine.config
+            shape = (cfg.num_hidden_layers, 2, engine.block_manager.block_size, cfg.num_key_value_heads,
+                     cfg.head_dim)
+            self._kv = KvTransfer(shape, engine.runner.dtype, self.settings.kvstore_timeout_s)
+        return self._kv
 
     async def require_engine(self, context: grpc.aio.ServicerContext) -> Any:
         """The engine, or answer UNAVAILABLE while the model loads."""

@@ -15,7 +15,6 @@ import grpc
 from crescent.proto.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from crescent.services.common import metrics as m
 from crescent.services.common.hashing import prefix_block_hashes
-from crescent.services.common.kv_transfer import KvTransfer
 from crescent.services.common.worker_service import WorkerRuntime, logprob_to_proto, sampling_from_proto
 from crescent.services.worker.async_engine import EngineError
 from crescent.services.worker.detokenizer import IncrementalDetokenizer
@@ -29,16 +28,6 @@ FINISH = {None: common_pb2.FINISH_REASON_UNSPECIFIED, "stop": common_pb2.FINISH_
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, runtime: WorkerRuntime):
         self.rt = runtime
-        self._kv: KvTransfer | None = None
-
-    def kv(self) -> KvTransfer:
-        if self._kv is None:
-            engine = self.rt.engine.engine
-            cfg = engine.config
-            shape = (cfg.num_hidden_layers, 2, engine.block_manager.block_size, cfg.num_key_value_heads,
-                     cfg.head_dim)
-            self._kv = KvTransfer(shape, engine.runner.dtype, self.rt.settings.kvstore_timeout_s)
-        return self._kv
 
     async def Generate(self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         engine = await self.rt.require_engine(context)
@@ -78,10 +67,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         yield chunk
         if reason is not None:
             return
-        loaded = await self._load_kv(engine, request, ids)
+        loaded, import_kv = await self._fetch_kv(engine, request, ids)
         sent_ids, sent_text = 1, text
         rid = request.request_id or f"decode-{id(request)}"
-        async for out in engine.generate(rid, ids, params, forced_output_ids=[first]):
+        # import_kv admits the blocks in the same engine turn as the request, so no step can evict them in between.
+        async for out in engine.generate(rid, ids, params, forced_output_ids=[first], import_kv=import_kv):
             new_ids = out.token_ids[sent_ids:]
             new_text = out.text[len(sent_text):] if out.text.startswith(sent_text) else ""
             sent_ids, sent_text = len(out.token_ids), sent_text + new_text
@@ -95,25 +85,27 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             m.WORKER_GENERATION_TOKENS.labels("decode").inc(len(new_ids))
             yield chunk
 
-    async def _load_kv(self, engine, request: decode_pb2.GenerateRequest, ids: list[int]) -> int:
-        """Import the prompt's stored blocks this worker lacks; returns prompt tokens loaded (0 on any failure)."""
+    async def _fetch_kv(self, engine, request: decode_pb2.GenerateRequest, ids: list[int]):
+        """The prompt's stored blocks this worker lacks: (prompt tokens loaded, (hashes, blocks) or None).
+
+        Any store failure means (0, None): the store is an optimisation and the prompt is recomputed instead.
+        """
         if not request.kvstore_address:
-            return 0
+            return 0, None
         hashes = prefix_block_hashes(ids, self.rt.settings.kv_block_size, self.rt.model_id)
         if request.block_hashes and list(request.block_hashes) != hashes[: len(request.block_hashes)]:
             log.warning("request %s: block hashes differ from the prompt's (model id mismatch?)", request.request_id)
         try:
             local = await engine.call(lambda e: e.cached_prefix_blocks(hashes))
             if local >= len(hashes):
-                return 0
-            blocks = await self.kv().get(request.kvstore_address, request.kvstore_transport, self.rt.model_id,
-                                         hashes[local:])
-            if blocks:
-                wanted = hashes[local:local + len(blocks)]
-                await engine.call(lambda e: e.import_blocks(wanted, blocks))
+                return 0, None
+            blocks = await self.rt.kv_transfer().get(request.kvstore_address, request.kvstore_transport,
+                                                     self.rt.model_id, hashes[local:])
         except Exception as exc:  # the store is an optimisation: recompute the prompt instead
             log.warning("kvstore load failed (%s); recomputing the prompt", exc)
-            return 0
+            return 0, None
+        if not blocks:
+            return 0, None
         loaded = len(blocks) * self.rt.settings.kv_block_size
         m.WORKER_STORE_HITS.labels("decode").inc(loaded)
-        return loaded
+        return loaded, (hashes[local:local + len(blocks)], blocks)

@@ -13,7 +13,6 @@ import grpc
 from crescent.proto.v1 import prefill_pb2, prefill_pb2_grpc
 from crescent.services.common import metrics as m
 from crescent.services.common.hashing import prefix_block_hashes
-from crescent.services.common.kv_transfer import KvTransfer
 from crescent.services.common.worker_service import WorkerRuntime, logprob_to_proto, sampling_from_proto
 from crescent.services.worker.async_engine import EngineError
 
@@ -23,16 +22,6 @@ log = logging.getLogger(__name__)
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, runtime: WorkerRuntime):
         self.rt = runtime
-        self._kv: KvTransfer | None = None
-
-    def kv(self) -> KvTransfer:
-        if self._kv is None:
-            engine = self.rt.engine.engine
-            cfg = engine.config
-            shape = (cfg.num_hidden_layers, 2, engine.block_manager.block_size, cfg.num_key_value_heads,
-                     cfg.head_dim)
-            self._kv = KvTransfer(shape, engine.runner.dtype, self.rt.settings.kvstore_timeout_s)
-        return self._kv
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         engine = await self.rt.require_engine(context)
@@ -60,10 +49,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         bs = self.rt.settings.kv_block_size
         hashes = prefix_block_hashes(ids, bs, self.rt.model_id)
         store = (request.kvstore_address, request.kvstore_transport)
-        in_store, loaded_blocks = await self._load_from_store(engine, store, hashes)
+        in_store, import_kv = await self._fetch_from_store(engine, store, hashes)
+        loaded_blocks = len(import_kv[0]) if import_kv else 0
 
         final = None
-        async for out in engine.generate(rid, ids, params, hold_kv=True):
+        # import_kv admits the loaded blocks in the same engine turn as the request: no step can evict them first.
+        async for out in engine.generate(rid, ids, params, hold_kv=True, import_kv=import_kv):
             final = out
         if final is None or not final.token_ids:
             raise EngineError(f"request {rid} produced no token")
@@ -89,29 +80,27 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             reply.first_logprob.CopyFrom(logprob_to_proto(final.new_logprobs[-1]))
         return reply
 
-    async def _load_from_store(self, engine, store: tuple[str, str], hashes: list[int]) -> tuple[int, int]:
-        """(blocks the store holds, blocks loaded from it into this worker's cache)."""
+    async def _fetch_from_store(self, engine, store: tuple[str, str], hashes: list[int]):
+        """(blocks the store holds, (hashes, blocks) this worker lacks and fetched, or None)."""
         if not store[0] or not hashes:
-            return 0, 0
+            return 0, None
         try:
             local = await engine.call(lambda e: e.cached_prefix_blocks(hashes))
-            in_store = await self.kv().lookup(*store, self.rt.model_id, hashes)
+            in_store = await self.rt.kv_transfer().lookup(*store, self.rt.model_id, hashes)
             if in_store <= local:
-                return in_store, 0
-            blocks = await self.kv().get(*store, self.rt.model_id, hashes[local:in_store])
-            wanted = hashes[local:local + len(blocks)]
-            await engine.call(lambda e: e.import_blocks(wanted, blocks))
-            return in_store, len(blocks)
+                return in_store, None
+            blocks = await self.rt.kv_transfer().get(*store, self.rt.model_id, hashes[local:in_store])
         except Exception as exc:  # the store is an optimisation: compute instead
             log.warning("kvstore load failed (%s); computing the prompt", exc)
-            return 0, 0
+            return 0, None
+        return in_store, ((hashes[local:local + len(blocks)], blocks) if blocks else None)
 
     async def _store_new(self, store: tuple[str, str], hashes: list[int], blocks, in_store: int) -> int:
         """Put the blocks the store lacks; -1 when the put failed (decode must then recompute)."""
         if not store[0]:
             return -1
         try:
-            return await self.kv().put(*store, self.rt.model_id, hashes[in_store:], blocks[in_store:])
+            return await self.rt.kv_transfer().put(*store, self.rt.model_id, hashes[in_store:], blocks[in_store:])
         except Exception as exc:
             log.warning("kvstore put failed (%s); decode will recompute", exc)
             return -1
