@@ -238,6 +238,10 @@ class LLMEngine:
         by_hash = dict(zip(hashes, blocks, strict=True))
         for h, block in reserved:
             self.runner.write_block(block, by_hash[h])
+        # A backend that caches per-page state (the Triton MoBA centroid pool) must forget these pages.
+        invalidate = getattr(getattr(self.runner.model, "attention_backend", None), "invalidate_pages", None)
+        if invalidate is not None:
+            invalidate([block for _, block in reserved])
         return len(reserved)
 
     def release(self, request_id: str) -> None:
@@ -267,7 +271,10 @@ def _select_attention_backend(model, name: str) -> None:
         return
     from crescent.models import attention
 
-    triton_cls = getattr(attention, "TritonAttentionBackend", None)
+    try:
+        from crescent.models.attention_triton import TritonAttentionBackend as triton_cls
+    except ImportError:  # a build without the GPU extra
+        triton_cls = None
     on_cuda = next(model.parameters()).device.type == "cuda"
     if name == "triton" or (name == "auto" and on_cuda and triton_cls is not None):
         if triton_cls is None:
