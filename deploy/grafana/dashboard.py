@@ -73,8 +73,10 @@ ROWS: list[tuple[str, list[Panel]]] = [
                                          "{{role}} {{instance}}")], "percentunit",
               "Paged KV cache in use (the device tier).", max=1.0),
         Panel("Prefix hit rate", [
-            (ratio("crescent_worker_prefix_cache_hits_total", "crescent_worker_prefix_cache_queries_total", "role"),
-             "{{role}} own cache"),
+            # The engine counts KV loaded from the store as prefix-cache hits too: subtract it for "own cache".
+            (f"(sum by (role) (rate(crescent_worker_prefix_cache_hits_total[{RATE}])) - sum by (role) "
+             f"(rate(crescent_worker_kvstore_hit_tokens_total[{RATE}]))) / sum by (role) "
+             f"(rate(crescent_worker_prefix_cache_queries_total[{RATE}]))", "{{role}} own cache"),
             (ratio("crescent_worker_kvstore_hit_tokens_total", "crescent_worker_prefix_cache_queries_total", "role"),
              "{{role}} from kvstore"),
         ], "percentunit", "Share of prompt tokens whose KV was reused instead of computed.", max=1.0),
