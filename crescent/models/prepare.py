@@ -62,12 +62,20 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
 
 
 def resolve_model_path(name_or_path: str | Path, cache_dir: Path | None = None) -> Path:
-    """"default" or "SmolLM2-135M-Instruct" -> the prepared default model; anything else an existing folder."""
+    """"default" or "SmolLM2-135M-Instruct" -> the prepared default model; a published model directory (v*
+    versions, see crescent.training.publish) -> its newest valid version; anything else an existing folder."""
     if str(name_or_path) in ("default", DEFAULT_MODEL_NAME):
         return ensure_default_model(cache_dir)
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"model {str(name_or_path)!r} is neither 'default' nor an existing model folder")
+    from crescent.services.common.model_watch import ModelWatcher, first_version, is_published_dir
+
+    if is_published_dir(path):
+        try:
+            return first_version(ModelWatcher(path))
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from e
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json: point at an HF-format model folder")
     return path

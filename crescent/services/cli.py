@@ -76,7 +76,7 @@ def _delegate(name: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["up", "serve", *DELEGATES]
+    commands = ["up", "serve", "bench", *DELEGATES]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: crescent {" + ",".join(commands) + "} ...\n\n" + (__doc__ or ""),
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
@@ -92,9 +92,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    """``crescent bench AREA/NAME [args]`` runs the module bench.AREA.NAME; with no name, lists them."""
+    """``crescent bench AREA/NAME [args]`` runs the module bench.AREA.NAME; with no name, lists them.
+
+    A bare NAME works too when only one area has it (``crescent bench replay`` = ``crescent bench serving/replay``).
+    """
     scripts = sorted(p.relative_to(REPO / "bench").with_suffix("").as_posix()
                      for p in (REPO / "bench").glob("*/*.py") if not p.name.startswith("_"))
+    if argv and "/" not in argv[0]:
+        matches = [s for s in scripts if s.rsplit("/", 1)[-1] == argv[0]]
+        if len(matches) == 1:
+            argv = [matches[0], *argv[1:]]
     if not argv or argv[0] not in scripts:
         print("usage: crescent bench AREA/NAME [args]; available: " + (", ".join(scripts) or "none"),
               file=sys.stderr)
@@ -135,8 +142,11 @@ def _resolve_model(args: argparse.Namespace) -> tuple[str, str]:
         path = folder
     else:
         from crescent.models.prepare import resolve_model_path
+        from crescent.services.common.model_watch import is_published_dir
 
-        path = Path(resolve_model_path(args.model))
+        path = Path(resolve_model_path(args.model))  # fails early when no published version is valid
+        if is_published_dir(args.model):  # serve the directory itself: the workers hot-reload its new versions
+            path = Path(args.model).expanduser().resolve()
     return str(path), args.served_model_name or path.name
 
 

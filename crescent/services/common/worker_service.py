@@ -2,18 +2,22 @@
 
 Lifecycle: bind the gRPC port at once (health NOT_SERVING), load the model in a thread, start the engine loop,
 register with the conductor, then SERVING. On SIGTERM: NOT_SERVING and deregister (no new work arrives), wait for
-in-flight requests up to ``drain_timeout_s``, stop.
+in-flight requests up to ``drain_timeout_s``, stop. A published model directory is watched and hot-reloaded
+(model_reload.py): requests hold the engine they started on (``serving()``), so a swap never changes a running
+request's weights or block-hash namespace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -24,6 +28,8 @@ from crescent.services.common import metrics as m
 from crescent.services.common.grpc_util import GrpcServer, start_metrics_server
 from crescent.services.common.kv_transfer import KvTransfer
 from crescent.services.common.logging import setup_logging
+from crescent.services.common.model_reload import load_first, retire, watch_model
+from crescent.services.common.model_watch import watcher_for
 from crescent.services.common.worker_link import ConductorLink
 from crescent.services.worker.outputs import EngineStats
 from crescent.services.worker.sampling_params import SamplingParams
@@ -67,21 +73,26 @@ class WorkerRuntime:
         self.settings = settings
         self.role = role
         self.role_name = common_pb2.Role.Name(role).removeprefix("ROLE_").lower()
-        self.engine: Any = None  # AsyncEngine once loaded
-        self.model_id = ""
+        self.engine: Any = None  # AsyncEngine once loaded (the newest version's, for new requests)
+        self.model_id = ""  # the block-hash namespace of self.engine (``name@version`` for published models)
+        self.served_name = ""  # what the conductor matches requests on: stable across versions
+        self.version = ""  # the served published version ("" for a plain model folder)
+        self.watcher = watcher_for(settings.model, settings.served_model_name)
         self.in_flight = 0
         self.link: ConductorLink | None = None
         self._seen = {"query": 0, "hit": 0, "preempt": 0}
         self._kv: KvTransfer | None = None
+        self._users: Counter = Counter()  # AsyncEngine -> requests holding it
+        self._retiring: dict[Any, asyncio.Task] = {}  # replaced engines draining their requests
 
-    def kv_transfer(self) -> KvTransfer:
-        """Moves this engine's KV blocks to and from the store (built once, on first use)."""
-        if self._kv is None:
-            engine = self.engine.engine
-            cfg = engine.config
-            shape = (cfg.num_hidden_layers, 2, engine.block_manager.block_size, cfg.num_key_value_heads,
-                     cfg.head_dim)
-            self._kv = KvTransfer(shape, engine.runner.dtype, self.settings.kvstore_timeout_s)
+    def kv_transfer(self, engine: Any = None) -> KvTransfer:
+        """Moves an engine's KV blocks (default: the current one's) to and from the store; rebuilt only when a
+        reloaded version's block shape or dtype differs."""
+        core = (engine or self.engine).engine
+        cfg = core.config
+        shape = (cfg.num_hidden_layers, 2, core.block_manager.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        if self._kv is None or (self._kv.block_shape, self._kv.dtype) != (shape, core.runner.dtype):
+            self._kv = KvTransfer(shape, core.runner.dtype, self.settings.kvstore_timeout_s)
         return self._kv
 
     async def require_engine(self, context: grpc.aio.ServicerContext) -> Any:
@@ -90,15 +101,63 @@ class WorkerRuntime:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         return self.engine
 
+    @contextlib.asynccontextmanager
+    async def serving(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """One request's hold on the current engine: a reload drains it before shutting it down."""
+        engine = await self.require_engine(context)
+        self._users[engine] += 1
+        self.in_flight += 1
+        try:
+            yield engine
+        finally:
+            self.in_flight -= 1
+            self._users[engine] -= 1
+
+    def users_of(self, engine: Any) -> int:
+        return self._users[engine]
+
+    def forget(self, engine: Any) -> None:
+        self._users.pop(engine, None)
+        self._retiring.pop(engine, None)
+
     async def load(self) -> None:
-        from crescent.services.worker.async_engine import AsyncEngine
         from crescent.services.worker.engine import LLMEngine
 
-        engine = await asyncio.to_thread(LLMEngine.from_settings, self.settings)
-        self.model_id = engine.model_id
+        if self.watcher is None:
+            engine = await asyncio.to_thread(LLMEngine.from_settings, self.settings)
+        else:
+            engine = await load_first(self.settings, self.watcher)
+        self.install(engine)
+
+    def install(self, engine: Any) -> None:
+        """Serve new requests on ``engine`` (an LLMEngine); a replaced engine drains, then shuts down."""
+        from crescent.services.worker.async_engine import AsyncEngine
+
+        old, old_version = self.engine, self.version
         self.engine = AsyncEngine(engine).start()
+        self.model_id = engine.model_id
+        self.served_name = self.watcher.name if self.watcher is not None else engine.model_id
+        self.version = self.watcher.version if self.watcher is not None else ""
+        self._seen = dict.fromkeys(self._seen, 0)  # the new engine's counters start at zero
+        if old_version and old_version != self.version:
+            with contextlib.suppress(KeyError):
+                m.WORKER_MODEL_VERSION.remove(self.role_name, old_version)
+        if self.version:
+            m.WORKER_MODEL_VERSION.labels(self.role_name, self.version).set(1)
         log.info("%s engine ready: model %s, %d KV blocks of %d tokens", self.role_name, self.model_id,
                  engine.block_manager.num_blocks, engine.block_manager.block_size)
+        if old is not None:
+            self._retiring[old] = asyncio.create_task(
+                retire(self, old, f"{self.role_name} engine {old.engine.model_id}", self.settings.drain_timeout_s))
+
+    async def close_engines(self) -> None:
+        """Stop the current engine and any still draining (worker shutdown)."""
+        for task in list(self._retiring.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.engine is not None:
+            self.engine.shutdown()
 
     async def load_snapshot(self) -> common_pb2.Load:
         stats: EngineStats = await self.engine.call(lambda e: e.stats())
@@ -121,7 +180,7 @@ class WorkerRuntime:
         host = s.advertise_host or ("127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host)
         instance_id = s.instance_id or f"{self.role_name}-{socket.gethostname()}-{port}"
         return conductor_pb2.InstanceInfo(instance_id=instance_id, role=self.role, address=f"{host}:{port}",
-                                          model_id=self.model_id, kv_block_size=s.kv_block_size)
+                                          model_id=self.served_name, kv_block_size=s.kv_block_size)
 
 
 async def run_worker(runtime: WorkerRuntime, service_name: str,
@@ -130,6 +189,7 @@ async def run_worker(runtime: WorkerRuntime, service_name: str,
     """Serve until ``stop`` is set; then drain."""
     s = runtime.settings
     metrics_task: asyncio.Task | None = None
+    watch_task: asyncio.Task | None = None
     server = GrpcServer(s.host, s.port, service_name)
     server.add(add_servicer, servicer)
     await server.start(serving=False)
@@ -141,21 +201,25 @@ async def run_worker(runtime: WorkerRuntime, service_name: str,
             await runtime.link.start()
         else:  # standalone: nobody pulls load snapshots, so refresh the metrics here
             metrics_task = asyncio.create_task(_refresh_metrics(runtime, s.heartbeat_interval_s))
+        if runtime.watcher is not None and s.model_watch_interval_s > 0:
+            watch_task = asyncio.create_task(watch_model(runtime, s.model_watch_interval_s), name="model-watch")
         await server.set_serving(True)
         if on_ready:
             on_ready(server.port)
         await stop.wait()
+        if watch_task is not None:  # no swap in the middle of a drain
+            watch_task.cancel()
         log.info("draining (%d requests in flight)", runtime.in_flight)
         await server.set_serving(False)  # draining: health says so and the conductor stops placing here
         if runtime.link:
             await runtime.link.stop()
         await _drain(runtime, s.drain_timeout_s)
     finally:
-        if metrics_task is not None:
-            metrics_task.cancel()
+        for task in (metrics_task, watch_task):
+            if task is not None:
+                task.cancel()
         await server.stop(grace_s=1.0)
-        if runtime.engine is not None:
-            runtime.engine.shutdown()
+        await runtime.close_engines()
         log.info("stopped")
 
 

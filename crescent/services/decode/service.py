@@ -30,22 +30,20 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.rt = runtime
 
     async def Generate(self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        engine = await self.rt.require_engine(context)
-        self.rt.in_flight += 1
         outcome = "cancelled"
-        try:
-            async for chunk in self._generate(engine, request):
-                yield chunk
-            outcome = "ok"
-        except ValueError as exc:
-            outcome = "bad_request"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except EngineError as exc:
-            outcome = "error"
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        finally:
-            self.rt.in_flight -= 1
-            m.WORKER_REQUESTS.labels("decode", outcome).inc()
+        async with self.rt.serving(context) as engine:  # the whole stream runs on one model version
+            try:
+                async for chunk in self._generate(engine, request):
+                    yield chunk
+                outcome = "ok"
+            except ValueError as exc:
+                outcome = "bad_request"
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except EngineError as exc:
+                outcome = "error"
+                await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            finally:
+                m.WORKER_REQUESTS.labels("decode", outcome).inc()
 
     async def _generate(self, engine, request: decode_pb2.GenerateRequest):
         ids = list(request.prompt_token_ids)
@@ -92,15 +90,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         """
         if not request.kvstore_address:
             return 0, None
-        hashes = prefix_block_hashes(ids, self.rt.settings.kv_block_size, self.rt.model_id)
+        model_id = engine.engine.model_id  # the engine's own version namespace, never a newer one's
+        hashes = prefix_block_hashes(ids, self.rt.settings.kv_block_size, model_id)
         if request.block_hashes and list(request.block_hashes) != hashes[: len(request.block_hashes)]:
             log.warning("request %s: block hashes differ from the prompt's (model id mismatch?)", request.request_id)
         try:
             local = await engine.call(lambda e: e.cached_prefix_blocks(hashes))
             if local >= len(hashes):
                 return 0, None
-            blocks = await self.rt.kv_transfer().get(request.kvstore_address, request.kvstore_transport,
-                                                     self.rt.model_id, hashes[local:])
+            blocks = await self.rt.kv_transfer(engine).get(request.kvstore_address, request.kvstore_transport,
+                                                           model_id, hashes[local:])
         except Exception as exc:  # the store is an optimisation: recompute the prompt instead
             log.warning("kvstore load failed (%s); recomputing the prompt", exc)
             return 0, None

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from crescent.proto.v1 import common_pb2
 from crescent.services.common import metrics as m
 from crescent.services.common.hashing import prefix_block_hashes
+from crescent.services.common.model_watch import ModelWatcher
 from crescent.services.gateway import sse
 from crescent.services.gateway.backend import ClusterClient, SubRequest
 from crescent.services.gateway.errors import ApiError
@@ -41,6 +42,15 @@ class GatewayState:
     ready: bool = False
     ready_reason: str = "starting"
     background: list = field(default_factory=list)
+    model_watch: ModelWatcher | None = None
+    """Set when the model is a published model directory: the version followed for block hashing."""
+
+    @property
+    def hash_model_id(self) -> str:
+        """The block-hash namespace: ``name@version`` for a published model (the served name stays stable)."""
+        if self.model_watch is None or self.model_watch.current is None:
+            return self.model_id
+        return self.model_watch.model_id
 
 
 def _state(request: Request) -> GatewayState:
@@ -50,7 +60,10 @@ def _state(request: Request) -> GatewayState:
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
     st = _state(request)
-    return {"object": "list", "data": [model_card(st.model_id, st.encoder.max_model_len)]}
+    card = model_card(st.model_id, st.encoder.max_model_len)
+    if st.model_watch is not None:  # extra fields: OpenAI clients keep them as attributes
+        card.update(st.model_watch.describe())
+    return {"object": "list", "data": [card]}
 
 
 @router.post("/v1/chat/completions")
@@ -115,7 +128,7 @@ async def _serve(st: GatewayState, request: Request, body: _SamplingFields, prom
     internal_id = f"{request_id[:64]}-{uuid.uuid4().hex[:8]}"
     subs = []
     for p, ids in enumerate(prompts):
-        hashes = prefix_block_hashes(ids, st.settings.kv_block_size, st.model_id)
+        hashes = prefix_block_hashes(ids, st.settings.kv_block_size, st.hash_model_id)
         for j in range(body.n):
             k = p * body.n + j
             subs.append(SubRequest(f"{internal_id}-{k}", st.model_id, ids, hashes, _sampling(body, max_tokens,

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crescent.services.common import metrics as m
+from crescent.services.common.model_watch import first_version, watch_gateway_model, watcher_for
 from crescent.services.gateway.backend import ClusterClient
 from crescent.services.gateway.errors import ApiError, install_error_handlers
 from crescent.services.gateway.routes import GatewayState, router
@@ -70,20 +71,28 @@ def create_app(settings: GatewaySettings, encoder: PromptEncoder | None = None,
                client: ClusterClient | None = None) -> FastAPI:
     """The ASGI app; ``encoder``/``client`` default to the model's tokenizer and the real cluster."""
     model_id = settings.model_id()
+    watch = watcher_for(settings.model, settings.served_model_name)  # a published model directory
+    if watch is not None:
+        watch.accept(first_version(watch))
     if encoder is None:
-        encoder, model_dir = load_encoder(settings.model, settings.max_model_len)
+        encoder, model_dir = load_encoder(str(watch.current) if watch else settings.model, settings.max_model_len)
         model_id = settings.served_model_name or model_dir.name  # the same default name the workers use
+    if watch is not None:
+        model_id = watch.name  # stable across versions; the version only changes the hash namespace
     client = client or ClusterClient(settings.conductor_address, settings.rpc_timeout_s, settings.request_timeout_s,
                                      settings.kv_block_size)
-    state = GatewayState(settings, encoder, client, model_id)
+    state = GatewayState(settings, encoder, client, model_id, model_watch=watch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        poller = asyncio.create_task(_poll_ready(state))
+        tasks = [asyncio.create_task(_poll_ready(state))]
+        if watch is not None and settings.model_watch_interval_s > 0:
+            tasks.append(asyncio.create_task(watch_gateway_model(state)))
         yield
-        poller.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await poller
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await client.close()
 
     app = FastAPI(title="crescent", lifespan=lifespan)

@@ -24,6 +24,9 @@ class GatewaySettings(CrescentSettings):
     request_timeout_s: float = Field(600.0, description="Upper bound on one request, prefill + decode.", gt=0)
     rpc_timeout_s: float = Field(10.0, description="Deadline of the conductor's Place/Finish calls.", gt=0)
     ready_poll_s: float = Field(1.0, description="How often readiness (conductor + instances) is re-checked.", gt=0)
+    model_watch_interval_s: float = Field(5.0, ge=0, description="When model is a published model directory: how "
+                                                                 "often to look for a newer version to hash "
+                                                                 "prompts under (0 = never).")
 
     def model_id(self) -> str:
         """The served name: explicit, or the model folder's name (``default`` stays ``default``)."""

@@ -11,8 +11,9 @@ from crescent.services.common.settings import CrescentSettings
 
 
 class EngineSettings(CrescentSettings):
-    model: str = Field("default", description="Model to serve: 'default' (the prepared SmolLM2-135M-Instruct) or "
-                                              "a local HF-format folder.")
+    model: str = Field("default", description="Model to serve: 'default' (the prepared SmolLM2-135M-Instruct), "
+                                              "a local HF-format folder, or a published model directory "
+                                              "(<model_dir>/<name>/ holding v* versions: hot-reloaded).")
     served_model_name: str = Field("", description="Name the model is served and hashed under; empty means the "
                                                    "model folder's name.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
@@ -31,6 +32,8 @@ class EngineSettings(CrescentSettings):
                                                     "(set it when several workers share few cores).")
     attention_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="Attention implementation passed to the model (auto = triton on CUDA, torch on CPU).")
+    model_watch_interval_s: float = Field(5.0, ge=0, description="When model is a published model directory: how "
+                                                                 "often to look for a newer version (0 = never).")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -1,0 +1,165 @@
+"""Which published checkpoint version to serve, and when a newer one may replace it (pure bookkeeping).
+
+A model setting that names a *published model directory* (``<model_dir>/<name>/`` holding ``v000200/``,
+``v000400/``..., written by :func:`crescent.training.publish.publish_checkpoint`) is served at its newest valid
+version and watched for newer ones. Workers and the gateway each keep one :class:`ModelWatcher`:
+
+- the served NAME (``<name>`` or ``served_model_name``) is what clients send and what the conductor matches
+  instances on: it never changes across versions;
+- the block-hash namespace is ``<name>@<version>`` (:func:`versioned_model_id`): KV computed by one version's
+  weights can never be found under another version's hashes, in a worker's prefix cache, the store or the
+  conductor's KV index.
+
+A version that fails validation (or, in a worker, fails to load) is refused once, with one log line naming it and
+the problem, and never retried: versions are immutable, so retrying could only fail again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_VERSION = re.compile(r"^v(\d+)$")  # the same folder names publish.version_name() writes
+VERSION_SEP = "@"
+
+
+def published_versions(root: Path) -> list[Path]:
+    """Version folders of a published model directory, oldest first (temp ``.v*.tmp-*`` folders are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _VERSION.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def is_published_dir(path: str | Path) -> bool:
+    """True for ``<model_dir>/<name>/`` holding v* versions (and not itself an HF model folder)."""
+    path = Path(path).expanduser()
+    return path.is_dir() and not (path / "config.json").is_file() and bool(published_versions(path))
+
+
+def versioned_model_id(name: str, version: str) -> str:
+    """The block-hash namespace of one version: ``tiny@v000200``."""
+    return f"{name}{VERSION_SEP}{version}"
+
+
+def version_number(version: str) -> int:
+    m = _VERSION.match(version)
+    if m is None:
+        raise ValueError(f"{version!r} is not a version folder name (v<digits>)")
+    return int(m.group(1))
+
+
+def _default_validate(path: Path) -> None:
+    from crescent.training.publish import validate_checkpoint  # training pulls in torch; only when needed
+
+    validate_checkpoint(path)
+
+
+class ModelWatcher:
+    """Tracks the served version of one published model directory and picks the next one to load.
+
+    ``validate`` raises (``CheckpointError`` or any ValueError/OSError) on a broken version. The watcher never
+    loads models itself: a worker calls :meth:`poll`, loads what it returns, then :meth:`accept` or :meth:`refuse`.
+    """
+
+    def __init__(self, root: str | Path, name: str = "",
+                 validate: Callable[[Path], None] = _default_validate):
+        self.root = Path(root).expanduser()
+        self.name = name or self.root.name
+        self.validate = validate
+        self.current: Path | None = None
+        self.refused: dict[str, str] = {}  # version folder name -> why
+
+    @property
+    def version(self) -> str:
+        """The served version's folder name ("" before the first accept)."""
+        return self.current.name if self.current is not None else ""
+
+    @property
+    def model_id(self) -> str:
+        """The block-hash namespace of the served version (the bare name before the first accept)."""
+        return versioned_model_id(self.name, self.version) if self.current is not None else self.name
+
+    def candidates(self) -> list[Path]:
+        """Published versions newer than the served one and not refused, newest first (not yet validated)."""
+        floor = version_number(self.version) if self.current is not None else -1
+        return [p for p in reversed(published_versions(self.root))
+                if version_number(p.name) > floor and p.name not in self.refused]
+
+    def poll(self) -> Path | None:
+        """The newest valid version newer than the served one, or None. Broken ones are refused on the way
+        (so an older valid version still gets served when the newest is broken)."""
+        for path in self.candidates():
+            try:
+                self.validate(path)
+            except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
+                self.refuse(path, str(exc))
+                continue
+            return path
+        return None
+
+    def refuse(self, path: Path, reason: str) -> None:
+        """Never consider ``path`` again; one error line names the version and the problem."""
+        if path.name in self.refused:
+            return
+        self.refused[path.name] = reason
+        keeps = f"keeps serving {self.version}" if self.current is not None else "nothing served yet"
+        log.error("model %s: refused version %s: %s (%s)", self.name, path.name, reason, keeps)
+
+    def accept(self, path: Path) -> None:
+        previous = self.version
+        self.current = Path(path)
+        log.info("model %s: serving version %s%s", self.name, self.version,
+                 f" (was {previous})" if previous else "")
+
+    def describe(self) -> dict:
+        """What /v1/models shows: the served version, the servable ones (newest first) and the refused ones."""
+        versions = [p.name for p in reversed(published_versions(self.root)) if p.name not in self.refused]
+        return {"version": self.version, "versions": versions, "refused_versions": dict(self.refused)}
+
+
+def watcher_for(model: str, served_model_name: str = "") -> ModelWatcher | None:
+    """A watcher when the ``model`` setting names a published model directory, else None (a plain folder)."""
+    if model in ("", "default") or not is_published_dir(model):
+        return None
+    return ModelWatcher(model, served_model_name)
+
+
+def first_version(watcher: ModelWatcher) -> Path:
+    """The newest valid version to start serving; raises ValueError naming the folder when there is none."""
+    path = watcher.poll()
+    if path is None:
+        refused = "; ".join(f"{v}: {why}" for v, why in watcher.refused.items()) or "no v* version folders"
+        raise ValueError(f"{watcher.root} holds no valid published version ({refused})")
+    return path
+
+
+async def watch_gateway_model(state) -> None:
+    """The gateway's side (``state``: its GatewayState): follow new versions so prompts are hashed in the
+    newest namespace, and take the new version's tokenizer. Until the workers have loaded that version, the only
+    cost of hashing ahead is a missed cache-aware placement: the workers hash prompts themselves."""
+    import asyncio
+
+    from crescent.services.gateway.tokens import load_encoder
+
+    watcher: ModelWatcher = state.model_watch
+    while True:
+        await asyncio.sleep(state.settings.model_watch_interval_s)
+        try:
+            path = await asyncio.to_thread(watcher.poll)
+            if path is None:
+                continue
+            try:
+                encoder, _ = await asyncio.to_thread(load_encoder, str(path), state.settings.max_model_len)
+            except Exception as exc:  # validated yet unreadable: the workers will refuse it too
+                watcher.refuse(path, f"tokenizer does not load: {type(exc).__name__}: {exc}")
+                continue
+            state.encoder = encoder
+            watcher.accept(path)
+        except Exception:  # the watch must never take the gateway down
+            log.exception("model watch failed")
