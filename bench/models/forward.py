@@ -4,7 +4,7 @@
 
 Decode: B sequences, each with ``context`` tokens of K/V already cached (the same random K/V in our paged cache
 and in HF's DynamicCache, so the first step's logits are compared too), then ``steps`` decode steps of one token
-each; a step is ``forward`` + ``compute_logits`` for us and ``model(input_ids, past_key_values=...)`` for HF.
+each; a step is building the AttentionContext + ``forward`` + ``compute_logits`` for us and ``model(input_ids, past_key_values=...)`` for HF.
 Prefill: one prompt of ``context`` tokens, no cache. Contenders alternate round by round so machine load drifts
 hit both; each step is timed on the wall clock and on this process's CPU clock (with one torch thread the CPU
 time is what the wall time would be on an idle machine; a shared machine inflates wall time far more).

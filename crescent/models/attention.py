@@ -7,6 +7,7 @@ varlen batch, see AttentionContext); dense ``q [B, S, H, D]``, ``k``/``v`` ``[B,
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -56,8 +57,29 @@ class _PagedIndex:
     decode: _DecodeIndex | None  # the one-new-token sequences, if any
 
 
+class _Scratch:
+    """Reused gather buffers for decode (one per name, grown to the largest batch x context seen).
+
+    Each layer's gathered K/V (B x context x Hkv x D, megabytes) is dead once its attention returns; allocating
+    them afresh 2x per layer made the allocator hand pages back to the OS and fault them in again, which cost
+    ~5x the copy itself here. Not thread-safe: one backend serves one engine loop."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        need = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < need or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._bufs[name] = torch.empty(need, dtype=like.dtype, device=like.device)
+        return buf[:need].view(shape)
+
+
 class TorchAttentionBackend(AttentionBackend):
     """CPU-friendly reference backend: SDPA for full layers, the torch MoBA reference for MoBA layers."""
+
+    def __init__(self) -> None:
+        self._scratch = _Scratch()
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext,
                spec: AttentionSpec) -> Tensor:
@@ -70,10 +92,11 @@ class TorchAttentionBackend(AttentionBackend):
         index = _paged_index(ctx, q.device)
         dec = index.decode if _batched_decode(spec, ctx.block_size) else None
         if dec is not None and dec.rows is None:  # a pure decode step: one call for the whole batch
-            return _decode(q, k_cache, v_cache, dec, spec)
+            return _decode(q, k_cache, v_cache, dec, spec, self._scratch)
         out = torch.empty_like(q)
         if dec is not None:  # a mixed step: the decoding sequences still go in one call
-            out.index_copy_(0, dec.rows, _decode(q.index_select(0, dec.rows), k_cache, v_cache, dec, spec))
+            out.index_copy_(0, dec.rows, _decode(q.index_select(0, dec.rows), k_cache, v_cache, dec, spec,
+                                                 self._scratch))
         for seq, table in zip(ctx.seqs, index.tables, strict=True):
             if seq.num_new == 0 or (dec is not None and seq.num_new == 1):
                 continue
@@ -172,7 +195,8 @@ def _gather_context(cache: Tensor, table: Tensor, context_len: int) -> Tensor:
     return cache.index_select(0, table).view(-1, *cache.shape[2:])[:context_len]
 
 
-def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, dec: _DecodeIndex, spec: AttentionSpec) -> Tensor:
+def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, dec: _DecodeIndex, spec: AttentionSpec,
+            scratch: _Scratch) -> Tensor:
     """One query per sequence ``q [Bd, H, D]`` -> ``[Bd, H, D]``."""
     if spec.kind == "moba":
         return moba_decode_paged(q, k_cache, v_cache, dec.block_tables, dec.context_lens, spec.moba_block_size,
@@ -180,10 +204,11 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, dec: _DecodeIndex, spec
     b, h, d = q.shape
     n_kv = k_cache.shape[2]
     kv = []
-    for cache in (k_cache, v_cache):
+    for name, cache in (("k", k_cache), ("v", v_cache)):
         # Whole blocks in one contiguous index_select. SDPA then reads [Bd, Hkv, L, D] through strides: on CPU
-        # that beats gathering heads-first or copying to a contiguous layout (both ~2x slower at 16 x 512).
-        flat = cache.index_select(0, dec.blocks).view(-1, n_kv, d)  # [Bd * width * block_size, Hkv, D]
+        # that beats gathering heads-first or copying to a contiguous layout (both slower at 16 x 512..1024).
+        gathered = scratch(name, (dec.blocks.numel(), *cache.shape[1:]), cache)
+        flat = torch.index_select(cache, 0, dec.blocks, out=gathered).view(-1, n_kv, d)  # [Bd*width*bs, Hkv, D]
         if dec.pad is not None:
             # Zeroed, not just masked: slots past a context may hold stale (even NaN) data, and a masked
             # attention still multiplies them by zero.
