@@ -41,20 +41,23 @@ model: setup ## convert the default model (SmolLM2-135M-Instruct GGUF) into the 
 run: model ## start the whole platform locally (every service its own process); OpenAI API on localhost:8000
 	$(CRESCENT) up
 
-test: setup ## run the whole test suite (GPU tests skip without a GPU)
+test: setup ## lint, then the whole test suite (GPU tests skip without a GPU)
+	$(VENV)/bin/ruff check crescent tests bench deploy
 	$(PY) -m crescent.proto.generate --check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup ## ruff
-	$(VENV)/bin/ruff check crescent tests bench
+	$(VENV)/bin/ruff check crescent tests bench deploy
 
 proto: setup ## regenerate the gRPC stubs from proto/
 	$(PY) -m crescent.proto.generate
 
-bench: model ## run the CPU benchmarks (engine, store, serving); results under bench/results/
+bench: model ## run the CPU benchmarks (engine, store, serving, simulator); results under bench/results/
 	$(PY) -m bench.engine
 	$(PY) -m bench.store
-	$(PY) -m bench.serving
+	$(PY) -m bench.store.e2e_ttft
+	$(PY) -m bench.serving.cluster_vs_engine
+	$(PY) -m bench.serving.sim_run
 
 train-demo: model ## pretrain, RL-tune and publish a small model (<= 20 min on 2 cores)
 	$(CRESCENT) train demo
