@@ -34,6 +34,7 @@ class ReplayResult:
     gaps_s: list[float] = field(default_factory=list)
     tbt_s: float = 0.0
     completion_tokens: int = 0
+    sent_s: float = 0.0  # when it was sent, from the replay's start
 
 
 class PromptBuilder:
@@ -56,7 +57,9 @@ class PromptBuilder:
         return [t for h in ids for t in self.block(h)]
 
 
-async def _one(client, model: str, i: int, prompt: list[int], max_tokens: int, timeout_s: float) -> ReplayResult:
+async def stream_one(client, model: str, i: int, prompt: list[int], max_tokens: int,
+                     timeout_s: float) -> ReplayResult:
+    """One streamed completion, timed at the client: TTFT from the send, then every gap between tokens."""
     import openai
 
     res = ReplayResult(i, len(prompt))
@@ -91,7 +94,7 @@ async def replay(trace: list[TraceRequest], base_url: str, model: str, builder: 
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key="replay", max_retries=0)
     t0 = time.perf_counter()
-    tasks = []
+    tasks, sent = [], []
     for i, req in enumerate(trace):
         delay = req.arrival_s - (time.perf_counter() - t0)
         if req.arrival_s > max_duration_s:
@@ -99,9 +102,12 @@ async def replay(trace: list[TraceRequest], base_url: str, model: str, builder: 
         if delay > 0:
             await asyncio.sleep(delay)
         prompt = builder.prompt(req, max_blocks)
-        tasks.append(asyncio.create_task(_one(client, model, i, prompt, min(req.output_length, max_output),
-                                              timeout_s)))
+        sent.append(time.perf_counter() - t0)
+        tasks.append(asyncio.create_task(stream_one(client, model, i, prompt, min(req.output_length, max_output),
+                                                    timeout_s)))
     results = list(await asyncio.gather(*tasks))
+    for res, at in zip(results, sent, strict=True):
+        res.sent_s = at
     await client.close()
     return results
 

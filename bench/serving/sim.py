@@ -5,9 +5,10 @@ fed each instance's load as of its last heartbeat (every ``heartbeat_interval_s`
 reservations for work placed since, and the real KvIndex, which the simulated caches and store update through KV
 events. The simulated hardware runs at ``true_cost`` (default: the
 same cost model the conductor plans with).
-Simplifications (documented in the results): one prefill request at a time per prefill instance; the KV transfer
-prefill -> decode overlaps prefill (Mooncake streams it layer by layer) and costs no extra time; a decode instance
-reserves a request's whole KV (prompt + output) on admission instead of preempting.
+Simplifications (documented in the results): one prefill request at a time per prefill instance (unless
+``prefill_batch_tokens`` batches them as crescent's engine does); the KV transfer prefill -> decode overlaps
+prefill (Mooncake streams it layer by layer) and costs no extra time (unless ``decode_loads_kv``); a decode
+instance reserves a request's whole KV (prompt + output) on admission instead of preempting.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ class SimConfig:
     ttft_slo_s: float = 10.0
     tbt_slo_s: float = 0.1
     max_queue_per_instance: int = 32
+    # Prefill batching: 0 = one request at a time (Mooncake's chunked prefill of a single request); > 0 = every
+    # queued request that fits this many new tokens joins one batch, as crescent's engine schedules prefill.
+    prefill_batch_tokens: int = 0
+    # False: the prefill -> decode KV transfer overlaps prefill and is free (Mooncake streams it layer by layer).
+    # True: a decode instance pulls each joining request's prompt KV from the store first, one after another, in
+    # the step it joins (crescent's decode service fetches after prefill returns): cost.transfer_time(prompt, DRAM).
+    decode_loads_kv: bool = False
     max_tokens: int = 2048  # the client's limit sent to the conductor (the true output length stays hidden)
     heartbeat_interval_s: float = 1.0  # load reports go stale this long (0 = exact load at every decision)
     policy: str = "mooncake"
@@ -166,17 +174,33 @@ class Simulator:
         return own, 0.0
 
     def _start_prefill(self, t: float, inst: PrefillSim) -> None:
-        job = inst.queue.popleft()
+        jobs = [inst.queue.popleft()]
+        budget = self.cfg.prefill_batch_tokens - jobs[0].new_tokens
+        while inst.queue and inst.queue[0].new_tokens <= budget:  # the engine's token budget per forward pass
+            budget -= inst.queue[0].new_tokens
+            jobs.append(inst.queue.popleft())
+        # A batch costs what its requests cost one by one (each with its fixed cost: on CPU the per-request work
+        # of the services serializes too), but every request in it gets its first token when the batch ends.
+        duration = sum(self._job_time(inst, job) for job in jobs)
+        jobs[0].duration = duration
+        inst.busy, inst.riders, inst.busy_since, inst.busy_until = jobs[0], jobs[1:], t, t + duration
+        self._push(inst.busy_until, "prefill_done", inst)
+
+    def _job_time(self, inst: PrefillSim, job: Job) -> float:
         blocks, transfer = self._reuse(inst, job)
         rec, bs = job.rec, self.cfg.block_tokens
         rec.cached_tokens = blocks * bs
         rec.computed_tokens = rec.prompt_tokens - rec.cached_tokens
-        job.duration = transfer + self.true_cost.prefill_time(rec.computed_tokens, rec.cached_tokens)
-        inst.busy, inst.busy_since, inst.busy_until = job, t, t + job.duration
-        self._push(inst.busy_until, "prefill_done", inst)
+        return transfer + self.true_cost.prefill_time(rec.computed_tokens, rec.cached_tokens)
 
     def _prefill_done(self, t: float, inst: PrefillSim) -> None:
-        job, inst.busy = inst.busy, None
+        jobs, inst.busy, inst.riders = [inst.busy, *inst.riders], None, []
+        for job in jobs:
+            self._first_token(t, inst, job)
+        if inst.queue:
+            self._start_prefill(t, inst)
+
+    def _first_token(self, t: float, inst: PrefillSim, job: Job) -> None:
         rec = job.rec
         inst.cache.insert(job.hashes)
         self.store.put(job.hashes)  # every full block goes to the store (Mooncake writes new KV back)
@@ -188,17 +212,17 @@ class Simulator:
             dec.waiting.append(rec)
             if not dec.stepping:
                 self._start_step(t, dec)
-        if inst.queue:
-            self._start_prefill(t, inst)
 
     # --- decode --------------------------------------------------------------------------------------------------
     def _start_step(self, t: float, dec: DecodeSim) -> None:
-        dec.admit()
+        joined = dec.admit()
         if not dec.running:
             dec.stepping = False
             return
         dec.stepping = True
         dur = dec.step_time(self.true_cost)
+        if self.cfg.decode_loads_kv:  # each joiner's prompt KV is pulled from the store before this step runs
+            dur += sum(self.true_cost.transfer_time(r.prompt_tokens, Tier.DRAM) for r in joined)
         self._push(t + dur, "decode_step", (dec, dur))
 
     def _decode_step_end(self, t: float, dec: DecodeSim, dur: float) -> None:

@@ -111,6 +111,7 @@ class PrefillSim:
         self.cache = LruBlocks(iid, Tier.DEVICE, cache_blocks, index)
         self.queue: deque[Job] = deque()
         self.busy: Job | None = None
+        self.riders: list[Job] = []  # batched with busy (SimConfig.prefill_batch_tokens); they finish with it
         self.busy_since = self.busy_until = 0.0
         self.block_tokens = block_tokens
 
@@ -118,8 +119,9 @@ class PrefillSim:
         queued = sum(j.new_tokens for j in self.queue)
         if self.busy is not None and self.busy_until > self.busy_since:
             left = (self.busy_until - now) / (self.busy_until - self.busy_since)
-            queued += int(self.busy.new_tokens * max(0.0, left))
-        load = Load(waiting=len(self.queue) + (self.busy is not None), queued_prefill_tokens=queued)
+            queued += int(sum(j.new_tokens for j in (self.busy, *self.riders)) * max(0.0, left))
+        running = 1 + len(self.riders) if self.busy is not None else 0
+        load = Load(waiting=len(self.queue) + running, queued_prefill_tokens=queued)
         return InstanceState(InstanceInfo(self.id, Role.PREFILL, kv_block_size=self.block_tokens), load,
                              last_heartbeat=now)
 
@@ -148,8 +150,9 @@ class DecodeSim:
         return InstanceState(InstanceInfo(self.id, Role.DECODE, kv_block_size=self.block_tokens), load,
                              last_heartbeat=now)
 
-    def admit(self) -> None:
-        """Move waiting requests into the batch while their KV (prompt + output) fits."""
+    def admit(self) -> list:
+        """Move waiting requests into the batch while their KV (prompt + output) fits; return those moved."""
+        admitted = []
         while self.waiting:
             rec = self.waiting[0]
             need = rec.prompt_tokens + rec.output_tokens
@@ -163,6 +166,8 @@ class DecodeSim:
             heapq.heappush(self.finishing, (last, rec.index, rec))
             self.context += rec.prompt_tokens + 1
             self.used_tokens += need
+            admitted.append(rec)
+        return admitted
 
     def step_time(self, cost: CostModel) -> float:
         return cost.decode_step_time(len(self.running), self.context)

@@ -8,16 +8,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 from crescent.services.conductor.cost_model import CostModel, fit_decode, fit_prefill
 
 DEFAULT_PREFILL_POINTS = ((64, 0), (256, 0), (512, 0), (1024, 0), (256, 256), (256, 768), (512, 512))
 DEFAULT_DECODE_POINTS = ((1, 128), (4, 128), (8, 128), (16, 128), (8, 512), (16, 512), (4, 1024))
+STATISTICS: dict[str, Callable[[list[float]], float]] = {"median": statistics.median, "min": min}
 
 
 class ProfileTarget(Protocol):
@@ -30,22 +33,55 @@ class ProfileTarget(Protocol):
 
 def calibrate(factory: Callable[[], ProfileTarget], prefill_points: Sequence[tuple[int, int]] = DEFAULT_PREFILL_POINTS,
               decode_points: Sequence[tuple[int, int]] = DEFAULT_DECODE_POINTS, repeats: int = 3,
-              bandwidth_bps: dict[str, float] | None = None, source: str = "calibrated") -> CostModel:
-    """Median of ``repeats`` timings per point, then a least-squares fit of each cost curve."""
+              bandwidth_bps: dict[str, float] | None = None, source: str = "calibrated",
+              statistic: str = "median") -> CostModel:
+    """Median (or min) of ``repeats`` timings per point, then a least-squares fit of each cost curve."""
+    return calibrate_with_samples(factory, prefill_points, decode_points, repeats, bandwidth_bps, source,
+                                  statistic)[0]
+
+
+def calibrate_with_samples(factory: Callable[[], ProfileTarget],
+                           prefill_points: Sequence[tuple[int, int]] = DEFAULT_PREFILL_POINTS,
+                           decode_points: Sequence[tuple[int, int]] = DEFAULT_DECODE_POINTS, repeats: int = 3,
+                           bandwidth_bps: dict[str, float] | None = None,
+                           source: str = "calibrated",
+                           statistic: str = "median") -> tuple[CostModel, dict[str, list[dict]]]:
+    """:func:`calibrate`, plus every point's measured value beside the fitted one (to judge the fit by).
+
+    ``statistic``: "median" of the repeats, or "min" (best of N): on a machine shared with other jobs, noise only
+    ever adds time, so the minimum is the steadiest estimate of the engine's own cost.
+    """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {sorted(STATISTICS)}, got {statistic!r}")
+    pick = STATISTICS[statistic]
     target = factory()
     target.time_prefill(*prefill_points[0])  # warm-up: first calls pay allocation and compilation
     target.time_decode_step(*decode_points[0])
-    prefill = [(n, c, statistics.median(target.time_prefill(n, c) for _ in range(repeats)))
-               for n, c in prefill_points]
-    decode = [(b, b * ctx, statistics.median(target.time_decode_step(b, ctx) for _ in range(repeats)))
-              for b, ctx in decode_points]
+    # Never means: on a shared machine a few timings land on a descheduled core.
+    prefill = [(n, c, pick([target.time_prefill(n, c) for _ in range(repeats)])) for n, c in prefill_points]
+    decode = [(b, b * ctx, pick([target.time_decode_step(b, ctx) for _ in range(repeats)])) for b, ctx in decode_points]
     model = CostModel(prefill_s=fit_prefill(prefill), decode_step_s=fit_decode(decode),
                       kv_bytes_per_token=target.kv_bytes_per_token, source=source)
     if bandwidth_bps:
         model.bandwidth_bps.update(bandwidth_bps)
-    return model
+    samples = {
+        "prefill": [{"new": n, "cached": c, "measured_s": round(s, 6), "fitted_s": round(model.prefill_time(n, c), 6)}
+                    for n, c, s in prefill],
+        "decode": [{"batch": b, "context_tokens": ctx, "measured_s": round(s, 6),
+                    "fitted_s": round(model.decode_step_time(b, ctx), 6)} for b, ctx, s in decode]}
+    return model, samples
+
+
+def fit_problems(model: CostModel) -> list[str]:
+    """What makes a fit unusable for planning: costs that do not grow with work."""
+    problems = []
+    if model.prefill_s[1] <= 0:
+        problems.append("prefill has no per-token cost (p1 = 0): time more, longer prompts")
+    if model.decode_step_s[1] <= 0 and model.decode_step_s[2] <= 0:
+        problems.append("a decode step does not grow with batch or context (d1 = d2 = 0): time larger batches")
+    return problems
 
 
 class EngineProfile:
@@ -127,21 +163,34 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="crescent-calibrate", description=__doc__)
     parser.add_argument("--out", required=True, help="Where to write the cost model JSON.")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--statistic", choices=sorted(STATISTICS), default="median",
+                        help="Per point: median of the repeats, or min (best of N; steadier on a busy machine).")
     parser.add_argument("--prefill-points", type=_points, default=DEFAULT_PREFILL_POINTS,
                         help="new:cached token pairs to time prefill at, e.g. 64:0,256:0,256:256")
     parser.add_argument("--decode-points", type=_points, default=DEFAULT_DECODE_POINTS,
                         help="batch:context-per-sequence pairs to time a decode step at, e.g. 1:128,8:128")
     parser.add_argument("--decode-steps", type=int, default=8, help="Decode steps timed per point.")
+    parser.add_argument("--samples-out", default="", help="Also write each point's measured and fitted seconds "
+                                                          "(JSON) here.")
+    parser.add_argument("--note", default="", help="Appended to the model's source (how/where it was made).")
     add_settings_flags(parser, EngineSettings)
     args = parser.parse_args(argv)
     settings = settings_from_flags(EngineSettings, args)
-    model = calibrate(lambda: EngineProfile(LLMEngine.from_settings(settings), decode_steps=args.decode_steps),
-                      args.prefill_points, args.decode_points, repeats=args.repeats,
-                      source=f"calibrated: model={settings.model} device={settings.resolved_device()} "
-                             f"dtype={settings.dtype} threads={settings.torch_threads or 'default'}")
+    model, samples = calibrate_with_samples(
+        lambda: EngineProfile(LLMEngine.from_settings(settings), decode_steps=args.decode_steps),
+        args.prefill_points, args.decode_points, repeats=args.repeats, statistic=args.statistic,
+        source=f"calibrated: model={settings.model} device={settings.resolved_device()} dtype={settings.dtype} "
+               f"threads={settings.torch_threads or 'default'}; {args.statistic} of {args.repeats} per point, "
+               f"{args.decode_steps} decode steps per timing" + (f"; {args.note}" if args.note else ""))
     model.save(args.out)
+    if args.samples_out:
+        Path(args.samples_out).write_text(json.dumps(samples, indent=2) + "\n")
     print(model.to_json())
-
+    for kind, rows in samples.items():
+        for row in rows:
+            print(kind, " ".join(f"{k}={v}" for k, v in row.items()))
+    for problem in fit_problems(model):
+        print("WARNING:", problem)
 
 if __name__ == "__main__":
     main()
