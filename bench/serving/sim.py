@@ -233,7 +233,7 @@ class Simulator:
     def _finish(self, t: float, rec: RequestRecord, gaps: list[float]) -> None:
         rec.finished, rec.finish_s, rec.tbt_s = True, t, fast25_tbt(gaps)
         mean_gap = sum(gaps) / len(gaps) if gaps else None  # what the gateway's Finish reports
-        self.ledger.finish(str(rec.index), rec.output_tokens, mean_gap)
+        self.ledger.finish(str(rec.index), rec.output_tokens, mean_gap, now=t)
 
 
 def simulate(trace: list[TraceRequest], cfg: SimConfig) -> list[RequestRecord]:

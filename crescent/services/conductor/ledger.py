@@ -1,20 +1,26 @@
-"""Requests the conductor admitted and has not seen finish: reserved load, and predicted future decode load.
+"""Requests the conductor admitted and has not seen finish: reserved load, and the forecast decode load.
 
 Two uses. (1) Reservations: work placed on an instance after its last heartbeat is not in the load it reported
 yet, so it is added on top; bursts then spread before heartbeats catch up, and nothing is counted twice. (2) The
-``predicted`` early rejection: the decode batch at the moment a new request would reach decode is the set of
-admitted requests whose decode window [start, end) covers that moment (Mooncake §6: a uniform decode time per
-request). start = placement + predicted TTFT; the window's length = expected output (the running mean of finished
-requests' lengths) x the time per token (the larger of the step time predicted at placement and the one learnt from
-finished requests: a saturated decode instance is slower than any estimate made at placement). A request past its
-window that has not finished is known to be still running: it is kept for ``overdue_window_fraction`` of a window.
-(Measured alternatives that did worse in the simulator: anchoring the forecast on the reported load plus the
-ledger's predicted change, and an empirical output-length distribution instead of the mean.)
+``predicted`` early rejection (Mooncake §6): the decode load at the moment a new request would reach decode,
+forecast from the decode instance's last report plus what the ledger knows happened or will happen since:
+- minus the KV of requests that finished after the report (the report still holds it; forgetting this
+  double-counted a finished request against new work, about one heartbeat's worth of releases);
+- plus every admitted request estimated to land in decode after the report and before the arrival
+  (start = placement + predicted TTFT), and the requests the report shows waiting for KV;
+- minus a reported request's KV only when it is all but sure to have finished by the arrival:
+  P(output <= tokens by then | output > tokens so far) >= ``release_confidence``, from the recent finished
+  requests' output lengths. Crediting expected releases (a mean decode window per request, as this module did
+  before) over-admits whenever long outputs run past their window; a decode instance whose KV is over-committed
+  queues arrivals FIFO, and one blocked head stalls every request behind it, so at 2.5-3x load the mean-window
+  forecast both rejected more and missed more SLOs than the ``load`` mode (bench/serving/sim_run.py).
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -28,18 +34,30 @@ class InFlight:
     expected_output: int
     placed_at: float
     decode_start: float  # estimated: placed_at + predicted TTFT
-    predicted_tbt_s: float = 0.0  # the decode step time predicted at placement (a floor for the window)
+    predicted_tbt_s: float = 0.0  # the decode step time predicted at placement
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.prompt_tokens + self.expected_output
 
 
 class Ledger:
-    def __init__(self, default_output_tokens: int = 256, ema_weight: float = 0.05,
-                 overdue_window_fraction: float = 0.5) -> None:
+    def __init__(self, default_output_tokens: int = 256, ema_weight: float = 0.05, release_confidence: float = 0.95,
+                 output_sample_size: int = 1000, recent_finish_horizon_s: float = 600.0) -> None:
+        if not 0.0 < release_confidence <= 1.0:
+            raise ValueError("release_confidence must be in (0, 1]")
         self._inflight: dict[str, InFlight] = {}
         self._lock = threading.Lock()
         self.mean_output_tokens = float(default_output_tokens)
         self.mean_tbt_s = 0.0  # seconds per output token in decode, learnt from finished requests
         self.ema_weight = ema_weight
-        self.overdue_window_fraction = overdue_window_fraction
+        self.release_confidence = release_confidence
+        self.output_sample_size = output_sample_size
+        self.recent_finish_horizon_s = recent_finish_horizon_s  # far longer than any heartbeat interval
+        self.clock = 0.0  # the latest time the ledger was told: the stamp of a Finish that carries none
+        self._recent: deque[tuple[float, str, int]] = deque()  # (finished at, decode id, KV tokens freed)
+        self._outputs: deque[int] = deque()  # recent output lengths, in finish order ...
+        self._sorted_outputs: list[int] = []  # ... and sorted: an empirical distribution
 
     def expected_output(self, max_tokens: int) -> int:
         """Output length to plan for: the running mean of finished requests, capped by the request's limit."""
@@ -48,19 +66,45 @@ class Ledger:
 
     def add(self, entry: InFlight) -> None:
         with self._lock:
+            self.clock = max(self.clock, entry.placed_at)
             self._inflight[entry.request_id] = entry
 
     def finish(self, request_id: str, completion_tokens: int | None = None, mean_tbt_s: float | None = None,
-               ) -> InFlight | None:
-        """Forget a request; learn from its output length and its mean time per output token when given."""
+               now: float | None = None) -> InFlight | None:
+        """Forget a request; learn from its output length and its mean time per output token when given.
+
+        ``now`` is when it finished (default: the latest time the ledger saw, which can predate a heartbeat
+        that still counted this request, so callers with a clock should pass it).
+        """
         with self._lock:
             entry = self._inflight.pop(request_id, None)
+            if entry is not None:
+                out = completion_tokens if completion_tokens is not None else entry.expected_output
+                self._recent.append((self.clock if now is None else now, entry.decode_id, entry.prompt_tokens + out))
             w = self.ema_weight
             if completion_tokens is not None and completion_tokens > 0:
+                self._remember_output(completion_tokens)
                 self.mean_output_tokens = (1 - w) * self.mean_output_tokens + w * completion_tokens
             if mean_tbt_s is not None and mean_tbt_s > 0:
                 self.mean_tbt_s = mean_tbt_s if self.mean_tbt_s == 0 else (1 - w) * self.mean_tbt_s + w * mean_tbt_s
             return entry
+
+    def _remember_output(self, n: int) -> None:
+        self._outputs.append(n)
+        bisect.insort(self._sorted_outputs, n)
+        if len(self._outputs) > self.output_sample_size:
+            old = self._outputs.popleft()
+            del self._sorted_outputs[bisect.bisect_left(self._sorted_outputs, old)]
+
+    def finish_probability(self, done_tokens: float, by_tokens: float, expected: int) -> float:
+        """P(output <= by_tokens | output > done_tokens) from recent outputs; before any, a step at ``expected``."""
+        xs = self._sorted_outputs
+        if not xs:
+            return 1.0 if done_tokens < expected <= by_tokens else 0.0
+        longer = len(xs) - bisect.bisect_right(xs, done_tokens)
+        if longer == 0:  # running longer than any recent output: no basis to expect it to end soon
+            return 0.0
+        return (bisect.bisect_right(xs, by_tokens) - (len(xs) - longer)) / longer
 
     def prune(self, placed_before: float) -> int:
         """Forget requests placed before ``placed_before`` whose Finish never came (a crashed gateway)."""
@@ -88,25 +132,41 @@ class Ledger:
                     context += e.prompt_tokens
         return requests, prefill_tokens, context
 
-    def predict_decode(self, decode_id: str, at: float, now: float | None = None) -> tuple[int, int, int]:
-        """(batch, context tokens, reserved KV tokens) on ``decode_id`` at time ``at`` (>= ``now``).
+    def _finished_since(self, decode_id: str, reported_at: float, now: float) -> tuple[int, int]:
+        """(requests, KV tokens) finished on ``decode_id`` after its report at ``reported_at``."""
+        while self._recent and self._recent[0][0] < now - self.recent_finish_horizon_s:
+            self._recent.popleft()
+        n = kv = 0
+        for stamp, did, freed in self._recent:
+            if did == decode_id and stamp >= reported_at:
+                n, kv = n + 1, kv + freed
+        return n, kv
 
-        Reserved = prompt + expected output of each request (what a worst-case KV planner holds for it).
+    def predict_decode_change(self, decode_id: str, reported_at: float, now: float, at: float,
+                              waiting: int = 0) -> tuple[int, int, int]:
+        """(batch, context tokens, KV tokens) to add to ``decode_id``'s load reported at ``reported_at`` to
+        forecast it at ``at`` (>= ``now``); ``waiting`` = requests the report shows queued for KV (not in its
+        used KV). See the module docstring for what is added and removed.
         """
-        now = at if now is None else now
-        batch = context = reserved = 0
         with self._lock:
+            self.clock = max(self.clock, now)
+            n_done, kv_done = self._finished_since(decode_id, reported_at, now)
+            batch, context, kv = -n_done, -kv_done, -kv_done
+            reported_kv = reported_n = 0
             for e in self._inflight.values():
-                if e.decode_id != decode_id or e.decode_start > at:
+                if e.decode_id != decode_id:
                     continue
-                span = e.expected_output * max(e.predicted_tbt_s, self.mean_tbt_s, 1e-6)
-                end = e.decode_start + span
-                if end <= now:  # overdue but unfinished: still running
-                    end = now + span * self.overdue_window_fraction
-                if at >= end:
+                if e.decode_start > reported_at:  # not in the report yet: lands before `at`, or after us
+                    if e.decode_start <= at:
+                        batch, context, kv = batch + 1, context + e.prompt_tokens, kv + e.kv_tokens
                     continue
-                batch += 1
-                done = min(1.0, (at - e.decode_start) / span)
-                context += e.prompt_tokens + int(e.expected_output * done)
-                reserved += e.prompt_tokens + e.expected_output
-        return batch, context, reserved
+                reported_kv, reported_n = reported_kv + e.kv_tokens, reported_n + 1
+                # The step time planned at placement: the learnt mean gap includes decode-queue waits.
+                tpt = max(e.predicted_tbt_s, 1e-6)
+                p = self.finish_probability((now - e.decode_start) / tpt, (at - e.decode_start) / tpt,
+                                            e.expected_output)
+                if p >= self.release_confidence:
+                    batch, context, kv = batch - 1, context - e.kv_tokens, kv - e.kv_tokens
+        if waiting > 0 and reported_n > 0:
+            kv += round(waiting * reported_kv / reported_n)
+        return batch, context, kv

@@ -6,9 +6,9 @@ Modes:
   *current* load plus this request breaks the TBT SLO or does not fit its free KV blocks (it would wait in the
   decode queue, and that wait is a token gap).
 - ``predicted``: the TTFT check, plus the decode load *predicted for the moment this request reaches decode*
-  (now + predicted TTFT), built from admitted requests' expected decode windows (see ledger.py). Current load
-  over-rejects when many running requests will be gone by then, and under-rejects when many admitted prefills are
-  about to land; the prediction sees both.
+  (now + predicted TTFT): the decode instance's last report, minus what finished since, plus the admitted
+  requests that land before then, minus the requests all but sure to have finished by then (see ledger.py).
+  Current load misses the admitted prefills about to land and the finishes since the last heartbeat.
 The queue cap (``Slo.max_queue_per_instance``) always applies; upstream it becomes HTTP 429 + Retry-After.
 """
 
@@ -55,11 +55,18 @@ def _check_load(view: ClusterView, p: Placement, req: Request, slo: Slo) -> Reje
 
 
 def predicted_decode_at_arrival(view: ClusterView, p: Placement, req: Request) -> tuple[float, int]:
-    """(TBT, reserved KV tokens) on the chosen decode instance when this request would get there."""
+    """(TBT, KV tokens in use) on the chosen decode instance when this request would get there, with it.
+
+    Anchored on the decode instance's last report (what is really running), moved forward by the ledger.
+    """
+    d = p.decode
     arrival = view.now + p.predicted_ttft_s
-    batch, context, reserved = view.ledger.predict_decode(p.decode.instance_id, arrival, view.now)
-    tbt = view.cost.decode_step_time(batch + 1, context + req.prompt_tokens)
-    return tbt, reserved + _kv_need(view, req)
+    batch, context, kv = view.ledger.predict_decode_change(d.instance_id, d.last_heartbeat, view.now, arrival,
+                                                           d.load.waiting)
+    used = (d.load.total_kv_blocks - d.load.free_kv_blocks) * d.info.kv_block_size
+    tbt = view.cost.decode_step_time(max(0, d.load.running + d.load.waiting + batch) + 1,
+                                     max(0, d.load.running_context_tokens + context) + req.prompt_tokens)
+    return tbt, max(0, used + kv) + _kv_need(view, req)
 
 
 def _check_predicted(view: ClusterView, p: Placement, req: Request, slo: Slo) -> Rejection | None:

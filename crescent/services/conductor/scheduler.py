@@ -102,5 +102,7 @@ class Conductor:
             return result
 
     def finish(self, request_id: str, completion_tokens: int | None = None, mean_tbt_s: float | None = None,
-               ) -> bool:
-        return self.ledger.finish(request_id, completion_tokens, mean_tbt_s) is not None
+               now: float | None = None) -> bool:
+        """``now``: when it finished, on the clock ``place`` gets (the predicted mode subtracts finishes a decode
+        instance's last heartbeat still counted)."""
+        return self.ledger.finish(request_id, completion_tokens, mean_tbt_s, now) is not None

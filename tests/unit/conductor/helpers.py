@@ -34,7 +34,7 @@ def view(prefill: list[InstanceState], decode: list[InstanceState], kvstore: lis
          index: KvIndex | None = None, now: float = 0.0, seq: int = 0, ledger: Ledger | None = None,
          ) -> ClusterView:
     return ClusterView(prefill=prefill, decode=decode, kvstore=kvstore or [], index=index or KvIndex(), cost=COST,
-                       ledger=ledger or Ledger(), now=now, seq=seq)
+                       ledger=ledger if ledger is not None else Ledger(), now=now, seq=seq)
 
 
 def cache(index: KvIndex, iid: str, blocks: int, tier: Tier = Tier.DEVICE) -> None:

@@ -19,21 +19,56 @@ def test_reservations_count_only_work_placed_after_the_heartbeat():
     assert ledger.reserved("p0", since=0.0) == (2, 1800, 0)
 
 
-def test_decode_windows_use_the_learnt_time_per_token():
+def test_forecast_adds_admitted_requests_that_land_before_the_arrival():
     ledger = Ledger()
-    ledger.add(_entry("a", placed=0.0, start=1.0))  # window 100 tokens x 10 ms = [1, 2)
-    assert ledger.predict_decode("d0", at=1.5, now=0.0) == (1, 1050, 1100)
-    assert ledger.predict_decode("d0", at=2.5, now=0.0)[0] == 0
-    assert ledger.predict_decode("d1", at=1.5, now=0.0)[0] == 0
-    ledger.finish("other", completion_tokens=100, mean_tbt_s=0.05)  # decode runs 5x slower than planned
-    assert ledger.predict_decode("d0", at=2.5, now=0.0)[0] == 1  # window now [1, 6)
+    ledger.add(_entry("in_report", placed=0.0, start=0.5, output=1000))  # in the report at t=1, runs to 10.5
+    ledger.add(_entry("soon", placed=1.0, start=1.5))
+    ledger.add(_entry("later", placed=1.0, start=9.0))  # lands after the arrival at t=2
+    ledger.add(_entry("other", placed=1.0, start=1.5, decode="d1"))
+    assert ledger.predict_decode_change("d0", reported_at=1.0, now=1.2, at=2.0) == (1, 1000, 1100)
 
 
-def test_an_overdue_unfinished_request_still_counts():
-    ledger = Ledger(overdue_window_fraction=0.5)
-    ledger.add(_entry("a", placed=0.0, start=1.0))  # expected end 2.0; at now=3 it has not finished
-    assert ledger.predict_decode("d0", at=3.2, now=3.0)[0] == 1  # kept until now + 0.5 window = 3.5
-    assert ledger.predict_decode("d0", at=3.6, now=3.0)[0] == 0
+def test_finishes_since_the_report_free_their_kv_at_once():
+    ledger = Ledger()
+    ledger.add(_entry("a", placed=0.0, start=0.5))
+    ledger.add(_entry("b", placed=0.0, start=0.5))
+    ledger.finish("a", completion_tokens=40, now=0.8)  # before the report at t=1: the report already lacks it
+    ledger.finish("b", completion_tokens=60, now=1.1)  # after: the report still holds prompt + 60 tokens
+    assert ledger.predict_decode_change("d0", reported_at=1.0, now=1.2, at=1.3) == (-1, -1060, -1060)
+    ledger.add(_entry("c", placed=2.0, start=2.5))
+    ledger.finish("c", completion_tokens=10)  # no time given: stamped with the latest time seen (placed 2.0)
+    assert ledger.predict_decode_change("d0", reported_at=1.5, now=3.0, at=3.0)[2] == -1010
+
+
+def test_a_reported_request_is_released_only_when_all_but_sure_to_be_done():
+    ledger = Ledger(release_confidence=0.95)
+    ledger.add(_entry("a", placed=0.0, start=0.0))  # 10 ms per token
+    # No finished outputs yet: released once the arrival is past its expected 100 tokens.
+    assert ledger.predict_decode_change("d0", reported_at=0.5, now=0.5, at=0.9)[2] == 0
+    assert ledger.predict_decode_change("d0", reported_at=0.5, now=0.5, at=1.1)[2] == -1100
+    for i in range(100):  # outputs 1..100: 50 tokens in, P(done by 99 | > 50) = 49/50 >= 0.95
+        ledger.finish(f"x{i}", completion_tokens=i + 1)
+    assert ledger.finish_probability(50, 99, expected=100) == pytest.approx(49 / 50)
+    assert ledger.predict_decode_change("d0", reported_at=0.5, now=0.5, at=0.99)[2] == -1100
+    assert ledger.predict_decode_change("d0", reported_at=0.5, now=0.5, at=0.9)[2] == 0  # 40/50 < 0.95
+    # Running longer than every recent output: nothing says it ends soon.
+    assert ledger.finish_probability(150, 10_000, expected=100) == 0.0
+
+
+def test_requests_waiting_for_kv_count_at_the_mean_reported_size():
+    ledger = Ledger()
+    ledger.add(_entry("a", placed=0.0, start=0.0, output=100))
+    ledger.add(_entry("b", placed=0.0, start=0.0, output=300))
+    assert ledger.predict_decode_change("d0", reported_at=0.5, now=0.5, at=0.6, waiting=1)[2] == 1200
+
+
+def test_output_sample_is_bounded_and_confidence_validated():
+    ledger = Ledger(output_sample_size=3)
+    for n in (5, 1, 9, 7):
+        ledger.finish("gone", completion_tokens=n)
+    assert ledger.finish_probability(0, 6, expected=1) == pytest.approx(1 / 3)  # sample {1, 9, 7}
+    with pytest.raises(ValueError, match="release_confidence"):
+        Ledger(release_confidence=0.0)
 
 
 def test_expected_output_learns_from_finishes():

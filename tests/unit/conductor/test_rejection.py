@@ -47,7 +47,7 @@ def test_load_rejects_on_the_current_decode_load():
 
 def test_predicted_admits_when_the_running_batch_will_be_gone_by_arrival():
     ledger = Ledger()
-    for i in range(80):  # the 80 running requests all end before this one leaves prefill (t = 0.017 s)
+    for i in range(80):  # the 80 reported running requests all end before this one leaves prefill (t = 0.017 s)
         ledger.add(_inflight(f"old{i}", start=-10.0, end=0.01))
     v = view([inst("p0", Role.PREFILL)], _busy_decode(80, 80 * 1000), ledger=ledger)
     assert _check("load", v, request(1)).reason == "tbt_slo"
@@ -75,9 +75,28 @@ def test_no_free_kv_on_decode_is_a_tbt_rejection():
     v = view([inst("p0", Role.PREFILL)], decode)
     assert _check("load", v, request(1)).reason == "tbt_slo"
     ledger = Ledger()
-    for i in range(3):  # predicted: 3 x (1000 + 100) reserved tokens at arrival + this one > 100 blocks x 16
-        ledger.add(_inflight(f"x{i}", start=0.0, end=5.0))
+    for i in range(3):  # predicted: 3 x (1000 + 100) landing after the report + this one > 100 blocks x 16
+        ledger.add(_inflight(f"x{i}", start=0.001, end=5.0))
     v = view([inst("p0", Role.PREFILL)], [inst("d0", Role.DECODE, free_kv_blocks=100, total_kv_blocks=100)],
              ledger=ledger)
     assert _check("load", v, request(1)) is None
     assert _check("predicted", v, request(1)).reason == "tbt_slo"
+
+
+def test_predicted_subtracts_finishes_the_heartbeat_still_counts():
+    # The report (t=0) says 90 of 100 blocks used; a 1000-token request finished since: room for this one.
+    ledger = Ledger()
+    ledger.add(_inflight("done", start=-5.0, end=5.0))
+    ledger.finish("done", completion_tokens=100, now=0.0)
+    decode = [inst("d0", Role.DECODE, running=1, free_kv_blocks=2, total_kv_blocks=100)]
+    v = view([inst("p0", Role.PREFILL)], decode, ledger=ledger)
+    assert _check("load", v, request(1)).reason == "tbt_slo"
+    assert _check("predicted", v, request(1)) is None
+
+
+def test_predicted_counts_requests_waiting_for_decode_kv():
+    ledger = Ledger()
+    ledger.add(_inflight("stuck", start=-1.0, end=50.0))  # reported waiting: not in the used KV yet
+    decode = [inst("d0", Role.DECODE, waiting=1, free_kv_blocks=60, total_kv_blocks=100)]
+    v = view([inst("p0", Role.PREFILL)], decode, ledger=ledger)
+    assert _check("predicted", v, request(1)).reason == "tbt_slo"  # 40 x 16 + 1100 + 17 + 32 > 1600
