@@ -2,7 +2,9 @@
 
 File layout: a fixed header (magic, version, sizes, crc), the model id, the metadata, zero padding, then the
 block at a 4 KiB-aligned offset, so a block is read with O_DIRECT straight into its (page-aligned) DRAM slot:
-one disk read per block, no page-cache copy, no cache pollution (buffered reads are the fallback). A file is
+one disk read per block, no page-cache copy, no cache pollution (buffered reads are the fallback). That read
+is only as fast as a plain sequential read when the slot sits in huge pages (DramArena advises them): the disk
+takes a bounded number of memory segments per request, so 4 KiB pages cut a block into ~1 MiB requests. A file is
 written to ``<name>.tmp``, fsynced and renamed, so a crash leaves either the whole block or a ``.tmp`` that
 the next start deletes; a torn or bit-flipped file fails its checksum on read and is served as a miss.
 """
