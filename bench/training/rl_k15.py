@@ -27,7 +27,8 @@ def rl_job(init_from: Path, out_dir: Path, args: argparse.Namespace, length_weig
              "length_penalty_weight": length_weight, "length_penalty_warmup": args.length_warmup,
              "prompts_per_iteration": args.prompts, "samples_per_prompt": args.k, "seed": args.seed,
              "eval_prompts": args.eval_prompts, "max_new_tokens": args.max_new_tokens, "lr": args.lr,
-             "eval_difficulty": args.eval_difficulty, "max_difficulty": args.max_difficulty}
+             "eval_difficulty": args.eval_difficulty, "max_difficulty": args.max_difficulty,
+             "temperature": args.temperature, "updates_per_iteration": args.updates}
     cmd = [sys.executable, "-m", "crescent.training.cli", "rl", "--no-progress"]
     for key, value in flags.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-difficulty", type=int, default=2, help="digits per operand of the held-out problems")
     p.add_argument("--max-difficulty", type=int, default=3, help="curriculum's last difficulty")
     p.add_argument("--lr", type=float, default=5e-4, help="RL learning rate")
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+    p.add_argument("--updates", type=int, default=2, help="gradient steps per RL iteration")
     p.add_argument("--work-dir", type=Path, default=None, help="keep runs here instead of a temp folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-timeout", type=int, default=3000)
