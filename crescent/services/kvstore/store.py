@@ -12,6 +12,7 @@ in a tier, EVICTED(tier) when it leaves one, MOVED(SSD from DRAM) when demotion 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -252,27 +253,11 @@ class BlockStore:
                 return None
             if record.key in self._dram:
                 # another reader promoted it first; serve our copy once, then give the slot back
-                temp = BlockRecord(
-                    key=record.key,
-                    size=record.size,
-                    crc=record.crc,
-                    meta=record.meta,
-                    tier=Tier.NONE,
-                    slot=slot,
-                    pins=1,
-                )
+                temp = dataclasses.replace(record, tier=Tier.NONE, slot=slot, pins=1)
                 return Lease(temp, view, verified=True)
             # copy up, keeping the SSD copy: no unlink on the read path, no rewrite when this block is demoted
             # again, and the block still survives a restart
-            promoted = BlockRecord(
-                key=record.key,
-                size=record.size,
-                crc=record.crc,
-                meta=record.meta,
-                tier=Tier.DRAM,
-                slot=slot,
-                pins=1,
-            )
+            promoted = dataclasses.replace(record, tier=Tier.DRAM, slot=slot, pins=1)
             self._dram[record.key] = promoted
             metrics.STORE_PROMOTIONS.inc()
             self._emit(EventKind.STORED, promoted, Tier.DRAM)
