@@ -34,7 +34,9 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
         for op in ("get", "put"):
             out[f"{op}_{size // KIB}KiB"] = {
                 "tcp_over_raw_ceiling": row[f"{op}_gb_per_s"] / ceiling[op],
-                "tcp_over_mooncake": row[f"{op}_gb_per_s"] / mc[f"{op}_gb_per_s"]}
+                "tcp_over_mooncake": row[f"{op}_gb_per_s"] / mc[f"{op}_gb_per_s"],
+                # the most tcp/mooncake could be if tcp reached the raw socket's ceiling
+                "raw_ceiling_over_mooncake": ceiling[op] / mc[f"{op}_gb_per_s"]}
     return out
 
 
@@ -104,7 +106,8 @@ def main() -> None:
         )
     for name, rat in results["ratios"].items():
         raw, mc = rat["tcp_over_raw_ceiling"], rat["tcp_over_mooncake"]
-        print(f"{name:>12}: tcp/raw {raw:.2f}  tcp/mooncake {mc:.2f}")
+        print(f"{name:>12}: tcp/raw {raw:.2f}  tcp/mooncake {mc:.2f}  "
+              f"(raw ceiling/mooncake {rat['raw_ceiling_over_mooncake']:.2f})")
     rounded = {k: round(v, 2) for k, v in concurrency.items()}
     print("8 concurrent clients, 1 MiB blocks, aggregate get GB/s:", rounded)
     for r in ssd:

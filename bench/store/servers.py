@@ -17,7 +17,11 @@ REQ = struct.Struct("<cQ")  # b"g"/b"p", nbytes
 
 
 def _raw_serve(conn, max_bytes: int) -> None:
-    buf = memoryview(bytearray(max_bytes))
+    from crescent.services.kvstore.dram import DramArena
+
+    # the same memory as the store's slots (prefaulted, huge-page advised), so the ceiling is not held back
+    # by page faults or TLB misses the store does not pay
+    buf = DramArena(max_bytes, max_bytes, prefault=True).region(0, max_bytes)
     listener = socket.create_server(("127.0.0.1", 0))
     conn.send(f"127.0.0.1:{listener.getsockname()[1]}")
 

@@ -55,8 +55,12 @@ class TritonAttentionBackend(AttentionBackend):
         if spec.kind != "moba":
             return self._torch.attend_dense(q, k, v, spec)
         b, s, h, d = q.shape
-        out = _varlen(q.reshape(b * s, h, d), k.reshape(b * s, *k.shape[2:]), v.reshape(b * s, *v.shape[2:]),
-                      [s] * b, [s] * b, spec)
+        flat = (q.reshape(b * s, h, d), k.reshape(b * s, *k.shape[2:]), v.reshape(b * s, *v.shape[2:]))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            # Training: the forward kernels alone would cut the graph here; the trainable path adds their backward.
+            out = _varlen_trainable(*flat, b, s, spec)
+        else:
+            out = _varlen(*flat, [s] * b, [s] * b, spec)
         return out.view(b, s, h, d)
 
     def _decode(self, layer_idx: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, ctx: AttentionContext,
@@ -122,3 +126,11 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, lq: list[int], lk: list[int], spec:
     cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
     return moba_attn_varlen_qk_triton(q, k.to(q.dtype), v.to(q.dtype), cu_q, cu_k, spec.moba_block_size,
                                       spec.moba_topk, max_seqlen_q=max(lq), max_seqlen_k=max(lk))
+
+
+def _varlen_trainable(q: Tensor, k: Tensor, v: Tensor, batch: int, seq_len: int, spec: AttentionSpec) -> Tensor:
+    from crescent.kernels.moba.autograd import moba_attn_varlen_trainable
+
+    cu = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=q.device)
+    return moba_attn_varlen_trainable(q, k.to(q.dtype), v.to(q.dtype), cu, spec.moba_block_size, spec.moba_topk,
+                                      max_seqlen=seq_len)

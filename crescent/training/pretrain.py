@@ -6,7 +6,8 @@ Run folder layout (``PretrainSettings.out_dir``)::
     tokens.pt             the encoded train/val token streams (so a resume never re-tokenizes differently)
     checkpoints/step_N.pt weights, optimizer, RNG states, metrics history (see checkpoint.py)
 
-On CPU the model runs its dense, differentiable forward (MoBA layers through the pure-torch reference).
+On CPU the model runs its dense, differentiable forward (MoBA layers through the pure-torch reference); with
+``attention_backend`` triton (or auto on CUDA) MoBA layers run the Triton kernels and their backward.
 """
 
 from __future__ import annotations
@@ -61,12 +62,30 @@ def init_weights_(model: torch.nn.Module, seed: int) -> None:
                 p.fill_(1.0)
 
 
-def build_model(config: ModelConfig, seed: int, device: str) -> torch.nn.Module:
+def build_model(config: ModelConfig, seed: int, device: str, attention_backend: str = "torch") -> torch.nn.Module:
     from crescent.models.llama import LlamaForCausalLM  # the model is a sibling package still growing
 
     model = LlamaForCausalLM(config)
     init_weights_(model, seed)
+    if training_attention(attention_backend, device, config) == "triton":
+        from crescent.models.attention_triton import TritonAttentionBackend
+
+        model.set_attention_backend(TritonAttentionBackend())
     return model.to(device)
+
+
+def training_attention(name: str, device: str, config: ModelConfig) -> str:
+    """'triton' (exact MoBA kernels + their backward) or 'torch' (the reference: it materializes every score, so
+    it is the CPU choice). auto picks triton on CUDA when the kernels take the head size."""
+    if name not in ("auto", "torch", "triton"):
+        raise ValueError(f"attention_backend={name!r}: use auto, torch or triton")
+    d = config.head_dim
+    kernel_ok = d >= 16 and d & (d - 1) == 0
+    if name == "triton" and not kernel_ok:
+        raise ValueError(f"attention_backend='triton' needs head_dim a power of two >= 16, got {d}: use torch")
+    if name == "auto":
+        return "triton" if device.startswith("cuda") and kernel_ok else "torch"
+    return name
 
 
 def lm_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -114,7 +133,7 @@ def pretrain(s: PretrainSettings, on_checkpoint: Any = None) -> PretrainResult:
     s.out_dir.mkdir(parents=True, exist_ok=True)
     tok, train_tokens, val_tokens = prepare_data(s)
     config = model_config(s, tok.get_vocab_size(), s.seq_len * 4, special_id(tok, IM_END))
-    model = build_model(config, s.seed, s.device)
+    model = build_model(config, s.seed, s.device, s.attention_backend)
     optimizer = HybridOptimizer(model, s.lr, s.weight_decay, s.optimizer)
     start, history, ema = 0, [], None
     ckpt.seed_everything(s.seed)

@@ -49,6 +49,11 @@ class PretrainSettings(ModelShapeSettings):
     n_dialogues: int = Field(30_000, description="Generated arithmetic dialogues in the corpus.")
     max_difficulty: int = Field(2, description="Most digits per operand in the pretraining dialogues.")
     device: str = Field("cpu", description="torch device: cpu or cuda.")
+    attention_backend: Literal["auto", "torch", "triton"] = Field(
+        "torch", description="MoBA attention in training: torch = the reference (materializes every score); "
+                             "triton = the Triton kernels with their backward (CUDA; CPU under TRITON_INTERPRET=1); "
+                             "auto = triton on CUDA when head_dim is a power of two >= 16. The default stays torch "
+                             "until tests/gpu/test_moba_backward_gpu.py has passed on a GPU.")
     progress: bool = Field(True, description="Show a tqdm progress bar.")
 
 

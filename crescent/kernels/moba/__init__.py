@@ -22,6 +22,8 @@ _TRITON_EXPORTS = {
     "moba_attn_prefix_triton": "prefill_triton",
     "moba_decode_paged_triton": "decode_triton",
     "MobaCentroidPool": "decode_triton",
+    "moba_attn_varlen_trainable": "autograd",
+    "MobaVarlenFunction": "autograd",
 }
 
 

@@ -69,12 +69,14 @@ def _history_kernel(Q, K, V, PO, PL, perm, tile_grp, tile_row0, grp_end, blk_tok
 
 
 @triton.jit
-def _own_merge_kernel(Q, K, V, Out, SEL, PO, PL, cu_q, cu_k, qk_scale,
+def _own_merge_kernel(Q, K, V, Out, SEL, PO, PL, LSE, cu_q, cu_k, qk_scale,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                       G: tl.constexpr, H: tl.constexpr, K1: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr):
+                      BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr,
+                      STORE_LSE: tl.constexpr):
     """One program per (query tile, sequence, head): causal attention in the own block, then LSE-merge the
-    history partials of every selected block."""
+    history partials of every selected block. With STORE_LSE, the merged log2-sum-exp2 of the scaled scores
+    goes to LSE [Tq, H] fp32 (what the backward recomputes probabilities from)."""
     pid_m = tl.program_id(0)
     i = tl.program_id(1)
     h = tl.program_id(2)
@@ -152,6 +154,8 @@ def _own_merge_kernel(Q, K, V, Out, SEL, PO, PL, cu_q, cu_k, qk_scale,
         o = (o * w_own[:, None] + op * w_p[:, None]) / w_sum[:, None]
         lse = m_safe + tl.log2(w_sum)
     tl.store(Out + trow[:, None] * stride_ot + h * stride_oh + d[None, :], o.to(Out.dtype.element_ty), mask=rmask[:, None])
+    if STORE_LSE:
+        tl.store(LSE + trow * H + h, lse, mask=rmask)
 
 
 @dataclass
@@ -186,14 +190,16 @@ def make_plan(cu_q: torch.Tensor, cu_k: torch.Tensor, block_size: int, tq: int, 
     return VarlenPlan(cu_q, cu_k, cu_nb, tk // block_size, max_seqlen_q, max_seqlen_k)
 
 
-def _history_schedule(sel: torch.Tensor, nb_cap: int, hkv: int, bm: int):
+def _history_schedule(sel: torch.Tensor, nb_cap: int, hkv: int, bm: int, stable: bool = False):
     """Group the valid (query, head, slot) pairs by (key block, KV head) and cut each group into tiles of bm.
-    All device ops: the tile count is bounded above on the host and surplus programs exit at once."""
+    All device ops: the tile count is bounded above on the host and surplus programs exit at once.
+    ``stable`` keeps each group's pairs in token order (the backward sums over them: a fixed order makes its
+    dK/dV bit-reproducible)."""
     tq, h, _ = sel.shape
     ng = nb_cap * hkv
     hk = (torch.arange(h, device=sel.device, dtype=torch.int32) // (h // hkv)).view(1, h, 1)
     key = torch.where(sel >= 0, sel * hkv + hk, ng).view(-1)
-    sorted_key, perm = torch.sort(key)
+    sorted_key, perm = torch.sort(key, stable=stable)
     perm = perm.to(torch.int32)
     # Group bounds by binary search in the sorted keys (bincount would read its max back to the host).
     gid = torch.arange(ng, device=sel.device, dtype=torch.int32)
@@ -228,12 +234,33 @@ def moba_attn_varlen_qk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     h, hkv, d = check_qkv(q, k, v, 3)
     check_routing(block_size, topk)
     plan = make_plan(cu_seqlens_q, cu_seqlens_k, block_size, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    return varlen_forward(q, k, v, plan, block_size, topk, softmax_scale, tiles).out
+
+
+@dataclass
+class ForwardState:
+    """What one forward leaves for a backward: the output, the routing it used and the row log-sum-exp."""
+
+    out: torch.Tensor  # [Tq, H, D], q's dtype
+    sel: torch.Tensor  # [Tq, H, topk-1] int32: selected blocks as centroid-table rows, -1 = none
+    blk_tok: torch.Tensor  # [nb_cap] int32: the flat key row each centroid-table block starts at
+    lse: torch.Tensor | None  # [Tq, H] fp32 merged log2-sum-exp2 of the scaled scores (when asked for)
+
+
+def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: VarlenPlan, block_size: int,
+                   topk: int, softmax_scale: float | None = None, tiles: dict | None = None,
+                   store_lse: bool = False) -> ForwardState:
+    """The launcher behind moba_attn_varlen_qk_triton (inputs already checked); ``store_lse`` also keeps the
+    row log-sum-exp, the one extra a FlashAttention-style backward needs."""
+    h, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     t = {**_tiles(q), **(tiles or {})}
     scale = (softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
     upcast, k1 = upcast_tiles(q), topk - 1
     o = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], h, dtype=torch.float32, device=q.device) if store_lse else None
     if q.shape[0] == 0 or plan.max_lq == 0:
-        return o
+        empty_sel = torch.full((q.shape[0], h, k1), -1, dtype=torch.int32, device=q.device)
+        return ForwardState(o, empty_sel, torch.empty(0, dtype=torch.int32, device=q.device), lse)
     cen, blk_tok = block_centroids(k, plan.cu_k, plan.cu_nb, plan.nb_cap, plan.max_lk, block_size)
     sel = route_prefill(q, cen, plan.cu_q, plan.cu_k, plan.cu_nb, plan.max_lq, block_size, topk, t["route_bm"],
                         max_blocks=plan.max_lk // block_size)
@@ -249,11 +276,11 @@ def moba_attn_varlen_qk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             num_stages=t["stages"])
     grid = (triton.cdiv(plan.max_lq, t["own_bm"]), plan.cu_q.numel() - 1, h)
     _own_merge_kernel[grid](
-        q, k, v, o, sel, po, pl, plan.cu_q, plan.cu_k, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), o.stride(0), o.stride(1), G=h // hkv, H=h, K1=k1, BLOCK_SIZE=block_size,
-        BM=t["own_bm"], BN=t["own_bn"], D=d, UPCAST=upcast, num_warps=t.get("own_warps", t["warps"]),
-        num_stages=t["stages"])
-    return o
+        q, k, v, o, sel, po, pl, lse if store_lse else pl, plan.cu_q, plan.cu_k, scale, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), G=h // hkv, H=h, K1=k1,
+        BLOCK_SIZE=block_size, BM=t["own_bm"], BN=t["own_bn"], D=d, UPCAST=upcast,
+        num_warps=t.get("own_warps", t["warps"]), num_stages=t["stages"], STORE_LSE=store_lse)
+    return ForwardState(o, sel, blk_tok, lse)
 
 
 def moba_attn_varlen_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import crc32c
 
@@ -30,8 +31,10 @@ class Tier(enum.IntEnum):
         return self.name.lower()
 
 
-@dataclass(frozen=True)
-class BlockKey:
+class BlockKey(NamedTuple):
+    """A tuple, not a dataclass: the store hashes and compares keys several times per block, and a tuple's
+    hash, equality and construction (``BlockKey._make``) run in C."""
+
     model_id: str
     block_hash: int
     layer_start: int
@@ -58,7 +61,7 @@ def checksum(data, meta: bytes = b"") -> int:
     return crc_update(data, crc_update(meta)) if meta else crc_update(data)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class BlockRecord:
     """Where one block lives now. Mutated only under the store's lock."""
 
@@ -92,7 +95,7 @@ class StoreFullError(RuntimeError):
     """Every DRAM slot is pinned by an in-flight transfer; retry later."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Lease:
     """A pinned block (checksum-verified unless acquired with ``verify=False``); ``view`` stays valid until
     :meth:`BlockStore.release`."""

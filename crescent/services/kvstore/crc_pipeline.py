@@ -1,8 +1,9 @@
 """Checksums that run beside the data path: on a connection's checksum thread while its socket thread keeps
 moving bytes (crc32c and socket calls both release the GIL).
 
-A put checksums each received chunk in order (chained CRC-32C) and publishes blocks only with the checksum of
-the bytes that really landed in their slots; a get verifies the pinned blocks while they are being sent.
+A put checksums each received chunk of a big block in order (chained CRC-32C), and each received group of small
+blocks block by block; blocks are published only with the checksum of the bytes that really landed in their
+slots. A get verifies the pinned blocks while they are being sent.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from crescent.services.kvstore.blocks import crc_update
 from crescent.services.kvstore.store import BlockStore, Lease, Reservation
 
-CRC_CHUNK = 1 << 20  # work handed to the checksum thread at a time (and a big block's receive chunk)
+CRC_CHUNK = 1 << 20  # work handed to the checksum thread at a time (and the largest "small" block)
 
 
 def verify_all(store: BlockStore, leases: list[Lease | None]) -> list[bool]:
@@ -26,12 +27,22 @@ class CrcBatch:
     def __init__(self, executor: ThreadPoolExecutor):
         self.executor = executor
         self.reservations: list[tuple[Reservation, CrcChain]] = []
-        self.work: list[tuple[CrcChain, memoryview]] = []
+        self.blocks: list[Reservation] = []  # whole blocks: their checksum goes to record.crc
+        self.work: list[tuple[CrcChain | None, object]] = []
         self.work_bytes = 0
 
     def add(self, chain: CrcChain, chunk: memoryview) -> None:
         self.work.append((chain, chunk))
         self.work_bytes += len(chunk)
+        if self.work_bytes >= CRC_CHUNK:
+            self._submit()
+
+    def add_blocks(self, group: list[Reservation], nbytes: int) -> None:
+        """Whole received blocks without metadata: one work item for the group (no object per block); each
+        block's checksum lands in its (still unpublished) record."""
+        self.work.append((None, group))
+        self.blocks += group
+        self.work_bytes += nbytes
         if self.work_bytes >= CRC_CHUNK:
             self._submit()
 
@@ -41,20 +52,28 @@ class CrcBatch:
 
     def commit(self, store: BlockStore) -> None:
         self._submit().result()  # FIFO: every earlier chunk is checksummed once this returns
-        for reservation, chain in self.reservations:
-            store.commit(reservation, chain.value)
+        store.commit_many([(reservation, chain.value) for reservation, chain in self.reservations]
+                          + [(reservation, reservation.record.crc) for reservation in self.blocks])
         self.reservations.clear()
+        self.blocks.clear()
 
     def abort(self, store: BlockStore) -> None:
         self._submit().exception()  # let queued checksums finish before the slots are freed
         for reservation, _ in self.reservations:
             store.abort(reservation)
+        for reservation in self.blocks:
+            store.abort(reservation)
         self.reservations.clear()
+        self.blocks.clear()
 
 
-def _run_crc(work: list[tuple[CrcChain, memoryview]]) -> None:
-    for chain, chunk in work:
-        chain.update(chunk)
+def _run_crc(work: list[tuple[CrcChain | None, object]]) -> None:
+    for chain, item in work:
+        if chain is None:
+            for reservation in item:  # unpublished: nobody else reads record.crc yet
+                reservation.record.crc = crc_update(reservation.view)
+        else:
+            chain.update(item)
 
 
 class CrcChain:

@@ -45,6 +45,11 @@ class DramArena:
     def free_slots(self) -> int:
         return len(self._free)
 
+    @property
+    def free_list(self) -> list[int]:
+        """The free slots (the store pops from it under its lock, in batch reservations)."""
+        return self._free
+
     def allocate(self) -> int | None:
         """A free slot, or None when the arena is full (the caller evicts first)."""
         return self._free.pop() if self._free else None
@@ -60,6 +65,10 @@ class DramArena:
     def span(self, slot: int, nbytes: int) -> memoryview:
         """``nbytes`` from the start of ``slot`` on, across consecutive slots (one recv for many blocks)."""
         start = slot * self.slot_bytes
+        return self._view[start : start + nbytes]
+
+    def region(self, start: int, nbytes: int) -> memoryview:
+        """``nbytes`` of the arena from byte offset ``start`` (a run of whole blocks in consecutive slots)."""
         return self._view[start : start + nbytes]
 
     def address(self, slot: int) -> int:

@@ -159,16 +159,17 @@ def recv_exact(sock: socket.socket, size: int) -> bytearray:
 def send_all(sock: socket.socket, parts: list) -> None:
     """Send ``parts`` back to back with sendmsg (scatter-gather: no join, no copy), resuming partial sends."""
     views = [memoryview(p).cast("B") for p in parts if len(p)]
-    while views:
+    at = 0  # first view not fully sent (an index: popping the front of a long list is quadratic)
+    while at < len(views):
         try:
-            sent = sock.sendmsg(views[:512])  # IOV_MAX is 1024 on Linux
+            sent = sock.sendmsg(views[at : at + 512])  # IOV_MAX is 1024 on Linux
         except BlockingIOError as exc:  # SO_SNDTIMEO expired
             raise TimeoutError("send timed out") from exc
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if views and sent:
-            views[0] = views[0][sent:]
+        while at < len(views) and sent >= len(views[at]):
+            sent -= len(views[at])
+            at += 1
+        if sent:
+            views[at] = views[at][sent:]
 
 
 def drain(sock: socket.socket, size: int, scratch: memoryview) -> None:

@@ -1,8 +1,9 @@
 """The kvstore service: the block store, its bulk data server, the gRPC control plane and conductor reporting.
 
 ``serve(settings)`` runs it in the foreground until SIGTERM/SIGINT (which drains: health flips to NOT_SERVING,
-in-flight transfers finish, then it exits); ``run_in_thread(settings)`` starts the same thing in the
-background for tests and returns a handle. Ports may be 0 (a free port), which tests use.
+in-flight transfers finish, DRAM-only blocks are flushed to the SSD tier within a time limit, then it exits);
+``run_in_thread(settings)`` starts the same thing in the background for tests and returns a handle. Ports may
+be 0 (a free port), which tests use.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from crescent.services.common.logging import setup_logging
 from crescent.services.common.settings import CrescentSettings
 from crescent.services.kvstore.data_server import DataServer
 from crescent.services.kvstore.events import ConductorReporter
+from crescent.services.kvstore.flush import FlushReport, flush_in_background
 from crescent.services.kvstore.protocol import MAX_BLOCKS
 from crescent.services.kvstore.store import BlockStore
 
@@ -63,6 +65,10 @@ class KvStoreSettings(CrescentSettings):
     io_timeout_s: float = Field(30.0, gt=0, description="A client stalled mid-frame is dropped after this.")
     drain_timeout_s: float = Field(
         10.0, ge=0, description="On shutdown, how long in-flight transfers may finish."
+    )
+    shutdown_flush_timeout_s: float = Field(
+        30.0, ge=0, description="On shutdown, how long DRAM-only blocks may take to be written to the SSD "
+        "tier (so a restart finds them); 0 = no flush. A flush cut short is logged with its counts.",
     )
 
 
@@ -112,6 +118,7 @@ class KvStoreHandle:
         self.data_address = ""
         self.stopped = threading.Event()
         self.reporter: ConductorReporter | None = None
+        self.flush_report: FlushReport | None = None
         self._thread = threading.Thread(target=self.loop.run_forever, name="kvstore-grpc", daemon=True)
 
     async def _start_grpc(self) -> None:
@@ -155,6 +162,10 @@ class KvStoreHandle:
             return
         self._call(self.grpc.set_serving(False))
         self.data.stop(self.settings.drain_timeout_s)
+        if self.settings.shutdown_flush_timeout_s > 0 and self.store.ssd.capacity_bytes > 0:
+            # after the drain (no new blocks arrive) and before the reporter stops (the conductor hears
+            # where the blocks went)
+            self.flush_report = flush_in_background(self.store, self.settings.shutdown_flush_timeout_s)
         if self.reporter is not None:
             self.reporter.stop()
         self._call(self.grpc.stop(grace_s=1.0))

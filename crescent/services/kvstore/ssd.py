@@ -105,6 +105,11 @@ class SsdTier:
         except OSError:
             return False
 
+    def set_recency(self, key: BlockKey, mtime_ns: int) -> None:
+        """Stamp a block file's modification time: :meth:`scan` orders blocks by it (LRU after a
+        restart)."""
+        os.utime(self.path(key), ns=(mtime_ns, mtime_ns))
+
     def delete(self, key: BlockKey) -> None:
         try:
             self.path(key).unlink()
@@ -116,7 +121,7 @@ class SsdTier:
         deleted."""
         if self.capacity_bytes <= 0 or not self.root.exists():
             return []
-        found: list[tuple[float, BlockRecord]] = []
+        found: list[tuple[int, BlockRecord]] = []
         for path in self.root.glob("*/*"):
             if path.suffix == ".tmp":
                 path.unlink(missing_ok=True)
@@ -125,7 +130,7 @@ class SsdTier:
             if record is None or self.path(record.key) != path:
                 log.warning("ignoring unreadable block file %s", path)
                 continue
-            found.append((path.stat().st_mtime, record))
+            found.append((path.stat().st_mtime_ns, record))
         found.sort(key=lambda item: item[0])
         return [record for _, record in found]
 

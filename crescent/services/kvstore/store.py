@@ -5,7 +5,8 @@ pins a record (a lease) and copies or sends from the slot without the lock; a wr
 without the lock and commits. Eviction skips pinned records, so nothing is freed or moved under a reader or
 writer. Demotion to SSD writes under the lock (simple and safe; it runs only when the DRAM tier is full).
 
-Promotion copies a block up and keeps its SSD file, so a later demotion of an unchanged block writes nothing
+Eviction, demotion and the shutdown flush's steps live in :mod:`tiering`. Promotion copies a block up and keeps
+its SSD file, so a later demotion of an unchanged block writes nothing
 and every block that ever reached SSD survives a restart. Events are per tier: STORED(tier) when a block lands
 in a tier, EVICTED(tier) when it leaves one, MOVED(SSD from DRAM) when demotion writes it down.
 """
@@ -35,13 +36,22 @@ from crescent.services.kvstore.blocks import (
 )
 from crescent.services.kvstore.dram import DramArena
 from crescent.services.kvstore.ssd import SsdTier
+from crescent.services.kvstore.tiering import TierMoves
 
 log = logging.getLogger(__name__)
-_DRAM_EVICTIONS = metrics.STORE_EVICTIONS.labels("dram")  # resolved once: labels() costs more than inc()
 _SSD_READERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvstore-ssd")  # reads release the GIL
 
 
-class BlockStore:
+def _validate_all(keys: list[BlockKey]) -> None:
+    """:meth:`BlockKey.validate` for a batch, once per distinct (model, layer range): a batch is one of those."""
+    seen: set[tuple[str, int, int]] = set()
+    for key in keys:
+        if (key.model_id, key.layer_start, key.layer_end) not in seen or not 0 <= key.block_hash < 1 << 64:
+            key.validate()
+            seen.add((key.model_id, key.layer_start, key.layer_end))
+
+
+class BlockStore(TierMoves):
     def __init__(
         self,
         dram_capacity_bytes: int,
@@ -65,6 +75,7 @@ class BlockStore:
         self._dram: OrderedDict[BlockKey, BlockRecord] = OrderedDict()  # first = least recently used
         self._ssd: OrderedDict[BlockKey, BlockRecord] = OrderedDict()
         self._ssd_used = 0
+        self._dram_evictions = 0  # not yet added to the metric
         # (model_id, block_hash) -> stored layer ranges, for lookups that do not name a range
         self._ranges: dict[tuple[str, int], set[tuple[int, int]]] = {}
         for record in self.ssd.scan():
@@ -89,21 +100,43 @@ class BlockStore:
         if len(meta) > MAX_META_BYTES:
             raise ValueError(f"block metadata of {len(meta)} bytes exceeds {MAX_META_BYTES}")
         with self._lock:
-            return self._reserve_locked(key, size, bytes(meta))
+            try:
+                return self._reserve_locked(key, size, bytes(meta))
+            finally:
+                self._count_evictions()
 
     def reserve_many(self, keys: list[BlockKey],
                      sizes: list[int]) -> list[Reservation | None | StoreFullError]:
         """:meth:`reserve` for a run of blocks without metadata, under one hold of the lock; a block with
         no slot to be had gets the StoreFullError instead of raising it."""
-        for key in keys:
-            key.validate()
+        if len(keys) != len(sizes):
+            raise ValueError(f"{len(keys)} keys but {len(sizes)} sizes")
+        if not keys:
+            return []
+        _validate_all(keys)
         out: list[Reservation | None | StoreFullError] = []
         with self._lock:
+            if not self.block_bytes:
+                self._create_arena(sizes[0])
+            block_bytes = self.block_bytes
+            if not 0 < min(sizes) <= max(sizes) <= block_bytes:  # checked before any slot is taken
+                raise ValueError(f"block sizes must be in (0, {block_bytes}] bytes for this store's slots")
+            # the per-block loop of a 64 KiB-block batch: locals and positional constructors on purpose
+            dram, ssd, arena = self._dram, self._ssd, self.arena
+            free, slot_bytes = arena.free_list, arena.slot_bytes
             for key, size in zip(keys, sizes, strict=True):
+                if key in dram or key in ssd:
+                    out.append(None)
+                    continue
                 try:
-                    out.append(self._reserve_locked(key, size, b""))
+                    slot = free.pop() if free else self._take_slot()
                 except StoreFullError as exc:
                     out.append(exc)
+                    continue
+                start = slot * slot_bytes
+                record = BlockRecord(key, size, 0, b"", Tier.DRAM, slot, 1)
+                out.append(Reservation(record, arena.region(start, size)))
+            self._count_evictions()
         return out
 
     def _reserve_locked(self, key: BlockKey, size: int, meta: bytes) -> Reservation | None:
@@ -121,15 +154,34 @@ class BlockStore:
         """Publish a filled reservation; ``crc`` = checksum(view, meta) when the caller computed it
         already."""
         record = reservation.record
-        record.crc = checksum(reservation.view, record.meta) if crc is None else crc
         with self._lock:
-            record.pins -= 1
-            if record.key in self._dram or record.key in self._ssd:  # a concurrent put of the same block won
-                self.arena.release(record.slot)
-                return
-            self._dram[record.key] = record
-            self._index_add(record.key)
-            self._emit(EventKind.STORED, record, Tier.DRAM)
+            self._commit_locked(record, checksum(reservation.view, record.meta) if crc is None else crc)
+
+    def commit_many(self, filled: list[tuple[Reservation, int]]) -> None:
+        """:meth:`commit` for a run of (reservation, its checksum) under one hold of the lock."""
+        with self._lock:
+            dram, ssd = self._dram, self._ssd
+            for reservation, crc in filled:
+                record = reservation.record
+                if record.key in dram or record.key in ssd:
+                    self._commit_locked(record, crc)  # lost a race with another put: the general path
+                    continue
+                record.crc = crc
+                record.pins -= 1
+                dram[record.key] = record
+                self._index_add(record.key)
+                if self.event_sink is not None:
+                    self._emit(EventKind.STORED, record, Tier.DRAM)
+
+    def _commit_locked(self, record: BlockRecord, crc: int) -> None:
+        record.crc = crc
+        record.pins -= 1
+        if record.key in self._dram or record.key in self._ssd:  # a concurrent put of the same block won
+            self.arena.release(record.slot)
+            return
+        self._dram[record.key] = record
+        self._index_add(record.key)
+        self._emit(EventKind.STORED, record, Tier.DRAM)
 
     def abort(self, reservation: Reservation) -> None:
         with self._lock:
@@ -190,13 +242,13 @@ class BlockStore:
         leases: list[Lease | None] = [None] * len(keys)
         cold: list[int] = []
         with self._lock:
-            for i, key in enumerate(keys):
-                record = self._dram.get(key)
+            dram = self._dram
+            for i, record in enumerate(map(dram.get, keys)):  # a 64 KiB-block batch is hundreds of keys
                 if record is not None:
                     record.pins += 1
-                    self._dram.move_to_end(key)
+                    dram.move_to_end(record.key)
                     leases[i] = Lease(record, self.arena.view(record.slot, record.size))
-                elif key in self._ssd:
+                elif keys[i] in self._ssd:
                     cold.append(i)
         if verify:
             for i, lease in enumerate(leases):
@@ -218,8 +270,18 @@ class BlockStore:
             return None
 
     def release(self, lease: Lease) -> None:
+        self.unpin(lease.record)
+
+    def release_many(self, leases: list[Lease | None]) -> None:
+        """:meth:`release` for a batch (None entries skipped) under one hold of the lock."""
         with self._lock:
-            self._unpin(lease.record)
+            for lease in leases:
+                if lease is not None:
+                    self._unpin(lease.record)
+
+    def unpin(self, record: BlockRecord) -> None:
+        with self._lock:
+            self._unpin(record)
 
     def get(self, key: BlockKey) -> tuple[bytes, bytes] | None:
         """A copy of (block, metadata), or None: the simple path for tests and tools."""
@@ -234,7 +296,10 @@ class BlockStore:
     def _promote(self, record: BlockRecord) -> Lease | None:
         try:
             with self._lock:
-                slot = self._take_slot()
+                try:
+                    slot = self._take_slot()
+                finally:
+                    self._count_evictions()
         except StoreFullError:
             with self._lock:
                 record.pins -= 1
@@ -262,86 +327,6 @@ class BlockStore:
             metrics.STORE_PROMOTIONS.inc()
             self._emit(EventKind.STORED, promoted, Tier.DRAM)
         return Lease(promoted, view, verified=True)
-
-    # --- eviction ------------------------------------------------------------------------------------------
-    def _take_slot(self) -> int:
-        """A free slot, demoting LRU unpinned DRAM blocks to SSD as needed. Called with the lock held."""
-        slot = self.arena.allocate()
-        while slot is None:
-            victim = next((r for r in self._dram.values() if r.pins == 0), None)
-            if victim is None:
-                raise StoreFullError("every DRAM slot is held by an in-flight transfer; retry")
-            self._demote(victim)
-            slot = self.arena.allocate()
-        return slot
-
-    def _demote(self, record: BlockRecord) -> None:
-        del self._dram[record.key]
-        _DRAM_EVICTIONS.inc()
-        view = self.arena.view(record.slot, record.size)
-        if record.key in self._ssd or record.size > self.ssd.capacity_bytes:
-            # promoted earlier (its SSD copy is still there) or no SSD tier: nothing to write
-            self._emit(EventKind.EVICTED, record, Tier.DRAM)
-        elif checksum(view, record.meta) != record.crc:
-            metrics.STORE_CORRUPT.labels("dram").inc()
-            self._emit(EventKind.EVICTED, record, Tier.DRAM)
-        elif self._ssd_room(record.size):
-            try:
-                self.ssd.write(record, view)
-            except OSError as exc:
-                log.error("demotion to SSD failed, dropping block: %s", exc)
-                metrics.STORE_CLIENT_ERRORS.labels("ssd_write").inc()
-                self._emit(EventKind.EVICTED, record, Tier.DRAM)
-            else:
-                self.arena.release(record.slot)
-                record.tier, record.slot = Tier.SSD, -1
-                self._ssd[record.key] = record
-                self._ssd_used += record.size
-                self._emit(EventKind.MOVED, record, Tier.SSD, Tier.DRAM)
-                return
-        else:
-            self._emit(EventKind.EVICTED, record, Tier.DRAM)
-        self.arena.release(record.slot)
-        record.tier = Tier.NONE
-        self._index_drop_if_gone(record.key)
-
-    def _ssd_room(self, size: int) -> bool:
-        """Make room on SSD for ``size`` bytes by dropping LRU unpinned blocks; False if it cannot fit."""
-        if size > self.ssd.capacity_bytes:
-            return False
-        while self._ssd_used + size > self.ssd.capacity_bytes:
-            victim = next((r for r in self._ssd.values() if r.pins == 0), None)
-            if victim is None:
-                return False
-            metrics.STORE_EVICTIONS.labels("ssd").inc()
-            self._forget_ssd(victim, corrupt=False)
-            self._emit(EventKind.EVICTED, victim, Tier.SSD)
-        return True
-
-    def _forget_ssd(self, record: BlockRecord, corrupt: bool) -> None:
-        del self._ssd[record.key]
-        self._ssd_used -= record.size
-        self.ssd.delete(record.key)
-        self._index_drop_if_gone(record.key)
-        if corrupt:
-            metrics.STORE_CORRUPT.labels("ssd").inc()
-            self._emit(EventKind.EVICTED, record, Tier.SSD)
-
-    def _invalidate(self, record: BlockRecord) -> None:
-        log.error("block %s failed its checksum in DRAM; dropped", record.key)
-        with self._lock:
-            metrics.STORE_CORRUPT.labels("dram").inc()
-            if self._dram.get(record.key) is record:
-                del self._dram[record.key]
-                record.tier = Tier.NONE
-                self._index_drop_if_gone(record.key)
-                self._emit(EventKind.EVICTED, record, Tier.DRAM)
-
-    def _unpin(self, record: BlockRecord) -> None:
-        record.pins -= 1
-        if record.pins == 0 and record.tier == Tier.NONE and record.slot >= 0:
-            self.arena.release(record.slot)  # dropped or a one-off promoted copy: its slot is free now
-            record.slot = -1
 
     # --- index queries -------------------------------------------------------------------------------------
     def tier_of(self, key: BlockKey) -> Tier:
@@ -372,7 +357,11 @@ class BlockStore:
                    key=lambda t: t if t != Tier.NONE else 99)
 
     def _index_add(self, key: BlockKey) -> None:
-        self._ranges.setdefault((key.model_id, key.block_hash), set()).add((key.layer_start, key.layer_end))
+        ranges = self._ranges.get((key.model_id, key.block_hash))
+        if ranges is None:
+            self._ranges[(key.model_id, key.block_hash)] = {(key.layer_start, key.layer_end)}
+        else:
+            ranges.add((key.layer_start, key.layer_end))
 
     def _index_drop_if_gone(self, key: BlockKey) -> None:
         if key in self._dram or key in self._ssd:

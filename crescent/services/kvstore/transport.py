@@ -78,7 +78,7 @@ class Transfer:
         return result
 
 
-@dataclass
+@dataclass(slots=True)
 class FetchedBlock:
     data: memoryview
     meta: bytes

@@ -7,7 +7,7 @@ import os
 import pytest
 from prometheus_client import REGISTRY
 
-from crescent.services.kvstore.blocks import BlockKey, EventKind, Tier
+from crescent.services.kvstore.blocks import BlockKey, EventKind, Tier, checksum
 from crescent.services.kvstore.store import BlockStore, StoreFullError
 
 BLOCK = 256
@@ -223,3 +223,30 @@ def test_acquire_many_reads_ssd_blocks_in_parallel_and_pins_them(tmp_path, event
         if le:
             store.release(le)
     assert metric("crescent_kvstore_promotions_total") >= 3
+
+
+def test_keep_free_demotes_lru_up_to_a_quarter_of_the_arena(tmp_path, events):
+    store = make(tmp_path, events, dram_blocks=8, ssd_blocks=8)
+    for h in range(8):
+        store.put(key(h), data(h))
+    store.get(key(0))  # 0 becomes most recent: LRU order 1..7, 0
+    lease = store.acquire(key(1))  # pinned: skipped
+    assert store.keep_free(5) == 2  # capped at 8 // 4 slots
+    assert store.arena.free_slots == 2
+    assert [store.tier_of(key(h)) for h in (0, 1, 2, 3, 4)] == [Tier.DRAM, Tier.DRAM, Tier.SSD, Tier.SSD,
+                                                                 Tier.DRAM]
+    store.release(lease)
+    assert store.get(key(2)) == (data(2), b"")  # demoted, still served
+
+
+def test_reserve_many_refuses_a_bad_size_before_taking_any_slot(tmp_path, events):
+    store = make(tmp_path, events, dram_blocks=4, ssd_blocks=0)
+    assert store.reserve_many([], []) == []
+    with pytest.raises(ValueError, match="block sizes"):
+        store.reserve_many([key(1), key(2)], [BLOCK, BLOCK + 1])
+    assert store.arena.free_slots == 4  # nothing leaked
+    got = store.reserve_many([key(1), key(2)], [BLOCK, 10])
+    for res, h in zip(got, (1, 2), strict=True):
+        res.view[:] = data(h)[: len(res.view)]
+    store.commit_many([(res, checksum(res.view)) for res in got])
+    assert store.get(key(1)) == (data(1), b"") and store.get(key(2)) == (data(2)[:10], b"")
