@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -91,13 +92,17 @@ def main() -> None:
         "ssd_bytes": ssd_total,
         "server": "separate processes; tcp: threaded data server; tcp-asyncio: bench/store/asyncio_server.py",
         "checksums": "crc32c",
+        "blocks": "views of one batch buffer per path (as a worker's blocks are views of its KV cache)",
     }
+    # the machine is shared: what else ran shows in the load average (1, 5, 15 minutes) around the run
+    load_before = os.getloadavg()
     concurrency, rows = run_all(sizes, batch_bytes, min_bytes, rounds, clients=8, concurrent_size=1 * MIB)
     with tempfile.TemporaryDirectory(dir=args.ssd_dir or None) as tmp:
         ssd = [ssd_tier_vs_plain_read(Path(tmp) / f"{s}", s, ssd_total // s, repeats=2 if args.quick else 5)
                for s in (1 * MIB, 16 * MIB)]
     results = {"transfers": rows, "ratios": ratios(rows), "ssd": ssd,
-               "concurrent_get_8_clients_1MiB_gb_per_s": concurrency}
+               "concurrent_get_8_clients_1MiB_gb_per_s": concurrency,
+               "load_average_before": load_before, "load_average_after": os.getloadavg()}
     path = write_result("store", config, results, plot(rows, ssd))
     for r in rows:
         print(
@@ -115,6 +120,7 @@ def main() -> None:
             f"ssd {r['block_bytes'] // KIB} KiB: tier {r['tier_gb_per_s']:.2f} GB/s, plain "
             f"{r['plain_read_gb_per_s']:.2f} GB/s, ratio {r['ratio']:.2f}"
         )
+    print(f"load average before {load_before}, after {results['load_average_after']}")
     print(f"wrote {path}")
 
 

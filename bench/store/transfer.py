@@ -47,8 +47,12 @@ class StorePath:
     def __init__(self, address: str, transport: str, block_bytes: int, batch_bytes: int):
         count = max(1, batch_bytes // block_bytes)
         self.batch_bytes = count * block_bytes
-        rng = np.random.default_rng(1)
-        self.blocks = [rng.integers(0, 256, block_bytes, dtype=np.uint8) for _ in range(count)]
+        # the blocks are views of one batch buffer, as a worker's blocks are views of its paged KV cache, and
+        # as the raw path's bytes are one buffer: separate small allocations would leave the tcp client
+        # copying from 4 KiB pages while the raw client copies from huge pages (a cost of the benchmark's
+        # memory, not of the transport)
+        batch = np.random.default_rng(1).integers(0, 256, count * block_bytes, dtype=np.uint8)
+        self.blocks = [batch[i * block_bytes : (i + 1) * block_bytes] for i in range(count)]
         self.hashes = list(range(count))
         self.out = memoryview(bytearray(self.batch_bytes))
         self.fresh = itertools.count(1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from bench.results_io import write_result
 from crescent.training.pretrain import pretrain
-from crescent.training.settings import PretrainSettings
+from crescent.training.settings import PretrainSettings, RLSettings
 
 
 def rl_job(init_from: Path, out_dir: Path, args: argparse.Namespace, length_weight: float) -> dict:
@@ -28,11 +29,14 @@ def rl_job(init_from: Path, out_dir: Path, args: argparse.Namespace, length_weig
              "prompts_per_iteration": args.prompts, "samples_per_prompt": args.k, "seed": args.seed,
              "eval_prompts": args.eval_prompts, "max_new_tokens": args.max_new_tokens, "lr": args.lr,
              "eval_difficulty": args.eval_difficulty, "max_difficulty": args.max_difficulty,
-             "temperature": args.temperature, "updates_per_iteration": args.updates}
+             "temperature": args.temperature, "updates_per_iteration": args.updates,
+             "min_difficulty": args.min_difficulty, "optimizer": args.optimizer, "embedding_lr": args.embedding_lr}
     cmd = [sys.executable, "-m", "crescent.training.cli", "rl", "--no-progress"]
     for key, value in flags.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout)
+    # The two jobs run side by side: half the cores each, not two oversubscribed thread pools.
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"rl (length weight {length_weight}) failed:\n{proc.stderr[-3000:]}")
     return json.loads((out_dir / "metrics.json").read_text())
@@ -75,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length-warmup", type=int, default=5)
     p.add_argument("--eval-prompts", type=int, default=200)
     p.add_argument("--eval-difficulty", type=int, default=2, help="digits per operand of the held-out problems")
+    p.add_argument("--min-difficulty", type=int, default=1, help="curriculum's first difficulty")
     p.add_argument("--max-difficulty", type=int, default=3, help="curriculum's last difficulty")
-    p.add_argument("--lr", type=float, default=5e-4, help="RL learning rate")
-    p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+    p.add_argument("--optimizer", choices=["muon", "adamw"], default=RLSettings().optimizer)
+    p.add_argument("--lr", type=float, default=RLSettings().lr, help="RL learning rate (Muon's with muon)")
+    p.add_argument("--embedding-lr", type=float, default=RLSettings().embedding_lr,
+                   help="AdamW lr of embeddings/head/norms with --optimizer muon")
+    p.add_argument("--temperature", type=float, default=RLSettings().temperature, help="rollout temperature")
     p.add_argument("--updates", type=int, default=2, help="gradient steps per RL iteration")
     p.add_argument("--work-dir", type=Path, default=None, help="keep runs here instead of a temp folder")
     p.add_argument("--seed", type=int, default=0)

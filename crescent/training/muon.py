@@ -97,10 +97,12 @@ def route_parameters(model: nn.Module) -> ParamRoute:
 class HybridOptimizer:
     """Muon on hidden matrices + AdamW on the rest, behind one step/zero_grad/state_dict interface.
 
-    ``kind="adamw"`` puts every parameter on AdamW (the baseline the benchmark compares against).
+    ``kind="adamw"`` puts every parameter on AdamW (the baseline the benchmark compares against). ``adamw_lr``
+    gives the AdamW part its own lr (RL uses a smaller one; see RLSettings.embedding_lr); ``set_lr`` sets both.
     """
 
-    def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.1, kind: str = "muon") -> None:
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.1, kind: str = "muon",
+                 adamw_lr: float | None = None) -> None:
         if kind not in ("muon", "adamw"):
             raise ValueError(f"optimizer kind must be 'muon' or 'adamw', got {kind!r}")
         route = route_parameters(model)
@@ -114,7 +116,8 @@ class HybridOptimizer:
         else:
             adamw_params = [p for _, p in route.muon] + adamw_params
         if adamw_params:
-            self.optimizers["adamw"] = torch.optim.AdamW(adamw_params, lr=lr, weight_decay=weight_decay,
+            self.optimizers["adamw"] = torch.optim.AdamW(adamw_params, lr=lr if adamw_lr is None else adamw_lr,
+                                                         weight_decay=weight_decay,
                                                          betas=ADAMW_BETAS, eps=1e-8)
 
     def set_lr(self, lr: float) -> None:

@@ -5,7 +5,8 @@ One iteration:
 2. k responses each through :class:`LLMEngine` (temperature sampling, a distinct seed per response);
 3. exact-match rewards; the curriculum sees the mean pass rate; keep prompts with 0 < pass rate < 1;
 4. after ``length_penalty_warmup`` iterations, add ``length_penalty_weight`` * the k1.5 length reward;
-5. pi_old := the current policy (log-probs of the batch, no grad) and a fresh optimizer (state reset), then
+5. pi_old := the current policy (log-probs of the batch, no grad) and a fresh optimizer (state reset; Muon on
+   hidden matrices, see :func:`policy_optimizer`), then
    ``updates_per_iteration`` gradient steps on the k1.5 loss (rl_loss.k15_loss) averaged over kept prompts.
 """
 
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from crescent.models.config import ModelConfig
 from crescent.services.worker.sampling_params import SamplingParams
 from crescent.training import checkpoint as ckpt
+from crescent.training.muon import HybridOptimizer
 from crescent.training.pretrain import build_model
 from crescent.training.rl_loss import Curriculum, k15_loss, keep_prompt, length_rewards
 from crescent.training.rollout import Sample, generate, prompt_ids, sample_seed, sequence_logprobs
@@ -88,20 +90,33 @@ def score(problems: list[Problem], samples: list[Sample], k: int, length_weight:
     return groups, sum(passes) / len(passes)
 
 
+def policy_optimizer(model: torch.nn.Module, s: RLSettings) -> HybridOptimizer:
+    """A fresh optimizer (k1.5 resets its state every iteration), without weight decay.
+
+    Why Muon with a small AdamW lr on embeddings, head and norms: a fresh AdamW's first steps are sign steps
+    (m / sqrt(v) = +-1), so every weight moves by the full lr however weak its gradient; on RL's sparse,
+    noisy gradients that is mostly noise, and on CPU AdamW at 5e-4 collapsed the policy while 1e-4 barely
+    moved it. Muon's orthogonalized steps move hidden matrices along the batch's dominant directions instead
+    (bench/results/training_rl_k15.json has the measured effect).
+    """
+    adamw_lr = s.embedding_lr if s.optimizer == "muon" else None
+    return HybridOptimizer(model, s.lr, 0.0, s.optimizer, adamw_lr=adamw_lr)
+
+
 def policy_update(model, groups: list[tuple[list[Sample], list[float]]], s: RLSettings) -> float:
-    """pi_old := current policy, fresh AdamW, then a few steps on the mean k1.5 loss over prompts."""
+    """pi_old := current policy, a fresh optimizer, then a few steps on the mean k1.5 loss over prompts."""
     flat = [smp for group, _ in groups for smp in group]
     rewards = torch.tensor([r for _, rs in groups for r in rs], device=s.device)
     with torch.no_grad():
         logp_old = sequence_logprobs(model, flat, s.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = policy_optimizer(model, s)
     k, loss_value = s.samples_per_prompt, 0.0
     for _ in range(s.updates_per_iteration):
         logp = sequence_logprobs(model, flat, s.device)
         losses = [k15_loss(logp[g * k:(g + 1) * k], logp_old[g * k:(g + 1) * k], rewards[g * k:(g + 1) * k], s.tau)
                   for g in range(len(groups))]
         loss = torch.stack(losses).mean()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

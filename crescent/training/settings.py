@@ -69,8 +69,12 @@ class RLSettings(CrescentSettings):
     prompts_per_iteration: int = Field(32, description="Prompts sampled per iteration before filtering.")
     samples_per_prompt: int = Field(8, description="k: responses per prompt.")
     max_new_tokens: int = Field(24, description="Longest response.")
-    temperature: float = Field(1.0, description="Sampling temperature of the rollouts.")
-    lr: float = Field(5e-4, description="Learning rate of the policy updates (AdamW, fresh each iteration).")
+    temperature: float = Field(0.7, description="Sampling temperature of the rollouts.")
+    optimizer: Literal["muon", "adamw"] = Field(
+        "muon", description="Policy optimizer, fresh every iteration: muon = Muon on hidden matrices + AdamW at "
+                            "embedding_lr on embeddings/head/norms; adamw = AdamW at lr on everything.")
+    lr: float = Field(2e-3, description="Learning rate of the policy updates (Muon's, or AdamW's with adamw).")
+    embedding_lr: float = Field(1e-4, description="AdamW lr of embeddings, head and norms when optimizer=muon.")
     updates_per_iteration: int = Field(2, description="Gradient steps on each iteration's batch.")
     tau: float = Field(0.05, description="Weight of the squared log-ratio regularizer.")
     length_penalty_weight: float = Field(0.5, description="Weight of the length reward once it is on.")

@@ -109,7 +109,7 @@ class Lease:
         return self.record.meta
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Reservation:
     """A DRAM slot being filled by a put; invisible to readers until :meth:`BlockStore.commit`."""
 

@@ -319,18 +319,45 @@ def _describe(leases: list[Lease | None], arena):
     """Per-block status, size, crc, metadata length arrays and the payload parts for a GET response.
 
     Blocks that sit in consecutive arena slots (a batch put together lands that way) go out as one span: one
-    iovec instead of one per block."""
+    iovec instead of one per block. Built with list comprehensions and array operations: at 64 KiB blocks a
+    batch is hundreds of blocks, and a per-block loop with appends shows in profiles."""
+    records = [lease.record if lease is not None else None for lease in leases]
+    hits = [r for r in records if r is not None]
+    if any(r.meta for r in hits):
+        return _describe_with_meta(records, arena)
+    statuses = np.array([r is not None for r in records], np.uint8) * np.uint8(HIT)
+    sizes = np.zeros(len(records), np.uint64)
+    crcs = np.zeros(len(records), np.uint32)
+    if len(hits) == len(records):
+        sizes[:] = [r.size for r in hits]
+        crcs[:] = [r.crc for r in hits]
+    else:
+        found = np.flatnonzero(statuses)
+        sizes[found] = [r.size for r in hits]
+        crcs[found] = [r.crc for r in hits]
+    parts = []
+    if hits:
+        starts = np.array([r.slot for r in hits], np.int64) * arena.slot_bytes
+        ends = starts + sizes[statuses == HIT].astype(np.int64)
+        breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1  # a hit not right after the previous one
+        firsts, lasts = [0, *breaks.tolist()], [*breaks.tolist(), len(hits)]
+        parts = [arena.region(int(starts[a]), int(ends[b - 1] - starts[a]))
+                 for a, b in zip(firsts, lasts, strict=True)]
+    return statuses, sizes, crcs, np.zeros(len(records), np.uint32), parts
+
+
+def _describe_with_meta(records: list, arena):
+    """:func:`_describe` when some blocks carry metadata (each hit's metadata goes out before its bytes)."""
     statuses, sizes, crcs, meta_lens, parts = [], [], [], [], []
-    slot_bytes = arena.slot_bytes if arena is not None else 0
+    slot_bytes = arena.slot_bytes
     run_start = run_end = -1
-    for lease in leases:
-        if lease is None:
+    for record in records:
+        if record is None:
             statuses.append(0)
             sizes.append(0)
             crcs.append(0)
             meta_lens.append(0)
             continue
-        record = lease.record
         statuses.append(HIT)
         sizes.append(record.size)
         crcs.append(record.crc)

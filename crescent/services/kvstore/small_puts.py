@@ -63,37 +63,41 @@ class SmallBlockPut:
             raise
 
     def _receive_run(self, start: int, got: Reserved, sizes: list[int], statuses: np.ndarray) -> None:
-        slot_bytes = self.store.arena.slot_bytes
-        group: list[Reservation] = []
-        handed: set[int] = set()
+        """Receive one run's blocks: a group of reservations in consecutive slots with one recv, a block
+        that gets no slot (stored already, or no room) drained."""
+        handed = 0  # got[:handed] are received and handed to the batch (or were never reservations)
+        run_sizes = sizes[start : start + len(got)]
         try:
-            for i, res in enumerate(got, start):
-                if not isinstance(res, Reservation):
-                    self._receive_group(group, handed)
-                    p.drain(self.sock, sizes[i], self.scratch)
-                    statuses[i] = p.BlockStatus.EXISTS if res is None else p.BlockStatus.FULL
-                    continue
-                last = group[-1].record if group else None
-                if last and (last.slot + 1 != res.record.slot or last.size != slot_bytes
-                             or len(group) * slot_bytes >= GROUP_BYTES):
-                    self._receive_group(group, handed)
-                group.append(res)
-                statuses[i] = p.BlockStatus.HIT
-            self._receive_group(group, handed)
+            for lo, hi in _groups(got, run_sizes, self.store.arena.slot_bytes):
+                first = got[lo]
+                if isinstance(first, Reservation):
+                    total = sum(run_sizes[lo:hi])
+                    p.recv_into_exact(self.sock, self.store.arena.span(first.record.slot, total))
+                    self.pending.add_blocks(got[lo:hi], total)  # from here on, the batch commits or aborts
+                    statuses[start + lo : start + hi] = p.BlockStatus.HIT
+                else:
+                    p.drain(self.sock, run_sizes[lo], self.scratch)
+                    statuses[start + lo] = p.BlockStatus.EXISTS if first is None else p.BlockStatus.FULL
+                handed = hi
         except BaseException:
-            _abort(self.store, [r for r in got if isinstance(r, Reservation) and id(r) not in handed])
+            _abort(self.store, got[handed:])
             raise
 
-    def _receive_group(self, group: list[Reservation], handed: set[int]) -> None:
-        """Receive blocks in consecutive slots with one recv, hand them to the checksum thread; empty
-        ``group``."""
-        if not group:
-            return
-        total = sum(res.record.size for res in group)
-        p.recv_into_exact(self.sock, self.store.arena.span(group[0].record.slot, total))
-        self.pending.add_blocks(group.copy(), total)  # from here on, the batch commits or aborts them
-        handed.update(id(r) for r in group)
-        group.clear()
+
+def _groups(got: Reserved, sizes: list[int], slot_bytes: int) -> list[tuple[int, int]]:
+    """[lo, hi) index ranges of ``got`` to receive with one recv each: reservations in consecutive slots (all
+    but the last of full slot size, so their bytes are contiguous), at most GROUP_BYTES of them; every other
+    entry alone. Computed with array operations: a per-block Python loop shows at 64 KiB blocks."""
+    n = len(got)
+    slots = np.array([r.record.slot if isinstance(r, Reservation) else -1 for r in got], np.int64)
+    joins = (slots[1:] == slots[:-1] + 1) & (slots[:-1] >= 0) & (np.asarray(sizes[:-1]) == slot_bytes)
+    starts = np.flatnonzero(~joins) + 1
+    bounds = [0, *starts.tolist(), n]
+    per_group = max(1, GROUP_BYTES // slot_bytes)
+    out = []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        out += [(a, min(a + per_group, hi)) for a in range(lo, hi, per_group)]
+    return out
 
 
 def _abort(store: BlockStore, got: Reserved) -> None:

@@ -7,6 +7,7 @@ lock, the private ones run with it held by their caller.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 
 from crescent.services.common import metrics
@@ -14,6 +15,10 @@ from crescent.services.kvstore.blocks import BlockRecord, EventKind, StoreFullEr
 
 log = logging.getLogger(__name__)
 _DRAM_EVICTIONS = metrics.STORE_EVICTIONS.labels("dram")  # resolved once: labels() costs more than inc()
+
+
+def _unpinned(record: BlockRecord) -> bool:
+    return record.pins == 0
 
 
 class TierMoves:
@@ -25,16 +30,8 @@ class TierMoves:
         if self.arena is None:
             return 0
         target = min(slots, self.arena.num_slots // 4)
-        demoted = 0
         with self._lock:
-            while self.arena.free_slots < target:
-                for victim in self._dram.values():
-                    if victim.pins == 0:
-                        break
-                else:
-                    break
-                self._demote(victim)
-                demoted += 1
+            demoted = self._evict_lru(target - self.arena.free_slots)
             self._count_evictions()
         return demoted
 
@@ -42,14 +39,40 @@ class TierMoves:
         """A free slot, demoting LRU unpinned DRAM blocks to SSD as needed. Called with the lock held."""
         slot = self.arena.allocate()
         while slot is None:
-            for victim in self._dram.values():  # LRU first; a plain loop, not a generator per eviction
-                if victim.pins == 0:
-                    break
-            else:
+            if not self._evict_lru(1):
                 raise StoreFullError("every DRAM slot is held by an in-flight transfer; retry")
-            self._demote(victim)
             slot = self.arena.allocate()
         return slot
+
+    def _evict_lru(self, count: int) -> int:
+        """Demote (or drop) up to ``count`` least recently used unpinned DRAM blocks; returns how many.
+
+        The victims are picked in one pass over the LRU order: a batch put frees hundreds of slots at a time,
+        and restarting the scan per victim would walk past the same pinned blocks again and again."""
+        if count <= 0:
+            return 0
+        victims = list(itertools.islice(filter(_unpinned, self._dram.values()), count))
+        if self.ssd.capacity_bytes <= 0 and self.event_sink is None:
+            self._drop_many(victims)  # a DRAM-only store with nobody to tell: the short path
+        else:
+            for victim in victims:
+                self._demote(victim)
+        return len(victims)
+
+    def _drop_many(self, victims: list[BlockRecord]) -> None:
+        """:meth:`_demote` for a store without an SSD tier or an event sink: free the slots, unindex."""
+        dram, release, ranges = self._dram, self.arena.release, self._ranges
+        for record in victims:
+            key = record.key
+            del dram[key]
+            release(record.slot)
+            record.tier = Tier.NONE
+            layers = ranges.get((key.model_id, key.block_hash))
+            if layers is not None and key not in self._ssd:
+                layers.discard((key.layer_start, key.layer_end))
+                if not layers:
+                    del ranges[(key.model_id, key.block_hash)]
+        self._dram_evictions += len(victims)
 
     def _demote(self, record: BlockRecord) -> None:
         del self._dram[record.key]

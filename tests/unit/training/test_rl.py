@@ -87,19 +87,41 @@ def test_one_tiny_rl_run_end_to_end(tmp_path: Path):
     assert saved["after"] == result.after
 
 
-def test_policy_update_moves_probability_toward_rewarded_response():
+def _tiny_policy():
     from crescent.training.pretrain import build_model, model_config
-    from crescent.training.rl import policy_update
-    from crescent.training.rollout import Sample, sequence_logprobs
     from crescent.training.settings import ModelShapeSettings
 
     shape = ModelShapeSettings(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                                attention="full", full_layers=[])
-    model = build_model(model_config(shape, vocab_size=20, max_len=32, eos_id=2), seed=0, device="cpu")
+    return build_model(model_config(shape, vocab_size=20, max_len=32, eos_id=2), seed=0, device="cpu")
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_policy_update_moves_probability_toward_rewarded_response(optimizer):
+    from crescent.training.rl import policy_update
+    from crescent.training.rollout import Sample, sequence_logprobs
+
+    model = _tiny_policy()
     prompt = [3, 4, 5]
     group = [Sample(prompt, [7, 8, 2], "", 2), Sample(prompt, [9, 10, 2], "", 2)]
-    s = RLSettings(samples_per_prompt=2, lr=1e-2, updates_per_iteration=3, tau=0.01)
+    s = RLSettings(samples_per_prompt=2, optimizer=optimizer, lr=1e-2, embedding_lr=1e-2, updates_per_iteration=3,
+                   tau=0.01)
     before = sequence_logprobs(model, group, "cpu").detach()
     policy_update(model, [(group, [1.0, 0.0])], s)
     after = sequence_logprobs(model, group, "cpu").detach()
     assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_policy_optimizer_is_fresh_muon_on_matrices_with_its_own_embedding_lr():
+    from crescent.training.rl import policy_optimizer
+
+    model = _tiny_policy()
+    opt = policy_optimizer(model, RLSettings(optimizer="muon", lr=2e-3, embedding_lr=1e-4))
+    muon, adamw = opt.optimizers["muon"], opt.optimizers["adamw"]
+    assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
+    assert {g["lr"] for g in muon.param_groups} == {2e-3} and {g["lr"] for g in adamw.param_groups} == {1e-4}
+    assert not muon.state and not adamw.state  # k1.5 resets the optimizer state every iteration
+    assert all(g["weight_decay"] == 0.0 for o in (muon, adamw) for g in o.param_groups)
+    assert any(p is model.model.embed_tokens.weight for g in adamw.param_groups for p in g["params"])
+    plain = policy_optimizer(model, RLSettings(optimizer="adamw", lr=3e-4))
+    assert list(plain.optimizers) == ["adamw"] and plain.optimizers["adamw"].param_groups[0]["lr"] == 3e-4
