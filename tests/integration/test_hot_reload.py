@@ -113,11 +113,14 @@ def test_reload_while_streaming_then_refuse_a_broken_version(cluster, tiny_parts
                                             max_tokens=STREAM_TOKENS, temperature=0, stream=True,
                                             stream_options={"include_usage": True},
                                             extra_body={"ignore_eos": True})
-    chunks, swapped_mid_stream = [], False
+    chunks, swapped_mid_stream, published = [], False, False
     for chunk in stream:
         chunks.append(chunk)
-        if len(chunks) == 1:
+        # Publish once a token has arrived, i.e. once decode holds the stream on v1 (the opening role chunk
+        # comes from the gateway before decode has the request, and decode could swap before it arrives).
+        if not published and chunk.choices and chunk.choices[0].delta.content:
             _publish(tiny_parts, tmp / "models", 2)
+            published = True
         elif len(chunks) % 10 == 0 and not swapped_mid_stream:
             swapped_mid_stream = _serving(plan, "v000002")
     assert chunks[-1].usage.completion_tokens == STREAM_TOKENS
