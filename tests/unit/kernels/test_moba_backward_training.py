@@ -1,65 +1,30 @@
 """Training through the MoBA Triton backward: a tiny model's loss gradients with the Triton attention backend
-equal those with the torch reference backend (CPU, Triton interpreter; see test_moba_triton.py for the env)."""
+equal those with the torch reference backend (CPU, Triton interpreter; see interpreter.py)."""
 
 from __future__ import annotations
-
-import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from crescent.models.config import ModelConfig, with_attention
 from crescent.training.pretrain import build_model, lm_loss, training_attention
+from tests.unit.kernels.interpreter import DEV, interpreter_mode, load_kernels, run_in_fresh_interpreter
 
 _KERNEL_MODULES = ["crescent.kernels.moba.routing_triton", "crescent.kernels.moba.prefill_triton",
                    "crescent.kernels.moba.backward_triton", "crescent.kernels.moba.autograd"]
-_INTERPRET = not torch.cuda.is_available()
-
-
-def _set_env(value: str | None) -> str | None:
-    prev = os.environ.get("TRITON_INTERPRET")
-    if value is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = value
-    return prev
-
-
-def _load_kernels():
-    prev = _set_env("1") if _INTERPRET else os.environ.get("TRITON_INTERPRET")
-    try:
-        import triton
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if _INTERPRET and not isinstance(triton.language.standard.sum, InterpretedFunction):
-            return None  # triton was imported compiled-mode before us: see test_in_fresh_interpreter
-        return [importlib.reload(sys.modules[m]) if m in sys.modules else importlib.import_module(m)
-                for m in _KERNEL_MODULES]
-    finally:
-        _set_env(prev)
-
-
-_MODS = _load_kernels()
-DEV = "cpu" if _INTERPRET else "cuda"
+_MODS = load_kernels(_KERNEL_MODULES)
 needs_kernels = pytest.mark.skipif(_MODS is None, reason="re-run in a fresh process by test_in_fresh_interpreter")
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_env():
-    prev = _set_env("1") if _INTERPRET else os.environ.get("TRITON_INTERPRET")
-    yield
-    _set_env(prev)
+    with interpreter_mode():
+        yield
 
 
 @pytest.mark.skipif(_MODS is not None, reason="the kernels loaded in interpreter mode in this process")
 def test_in_fresh_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_in_fresh_interpreter(__file__)
 
 
 def _config(head_dim: int = 16) -> ModelConfig:
