@@ -37,6 +37,23 @@ def _pair_rows(perm, rows, rmask, H: tl.constexpr, K1: tl.constexpr):
 
 
 @triton.jit
+def _query_rows(Q, DO, LSE, DELTA, t, h, rmask, stride_qt, stride_qh, H: tl.constexpr, D: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """q, dO, LSE and Delta of a tile of rows (token t, query head h: a scalar or one per row); dO is
+    contiguous [T, H, D] and LSE/Delta [T, H]."""
+    d = tl.arange(0, D)
+    packed = t * H + h
+    q = tl.load(Q + (t * stride_qt + h * stride_qh)[:, None] + d[None, :], mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + packed[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+    lse = tl.load(LSE + packed, mask=rmask, other=0.0)
+    delta = tl.load(DELTA + packed, mask=rmask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _hist_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, perm, tile_grp, tile_row0, grp_end, blk_tok, qk_scale, sm_scale,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, NG,
                     H: tl.constexpr, HKV: tl.constexpr, K1: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -49,13 +66,7 @@ def _hist_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, perm, tile_grp, tile_row0, grp
     rmask = rows < tl.load(grp_end + g)
     f, t, h = _pair_rows(perm, rows, rmask, H, K1)
     d = tl.arange(0, D)
-    q = tl.load(Q + t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
-    do = tl.load(DO + (t * H + h)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-    lse = tl.load(LSE + t * H + h, mask=rmask, other=0.0)
-    delta = tl.load(DELTA + t * H + h, mask=rmask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, t, h, rmask, stride_qt, stride_qh, H, D, UPCAST)
     k0 = tl.load(blk_tok + g // HKV).to(tl.int64)
     hk = g % HKV
     dq = tl.zeros([BM, D], tl.float32)
@@ -101,14 +112,7 @@ def _hist_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, perm, grp_end, blk_tok, q
         rows = r + tl.arange(0, BM)
         rmask = rows < end
         f, t, h = _pair_rows(perm, rows, rmask, H, K1)
-        q = tl.load(Q + t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :], mask=rmask[:, None],
-                    other=0.0)
-        do = tl.load(DO + (t * H + h)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-        lse = tl.load(LSE + t * H + h, mask=rmask, other=0.0)
-        delta = tl.load(DELTA + t * H + h, mask=rmask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, t, h, rmask, stride_qt, stride_qh, H, D, UPCAST)
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # [BN, BM]
         p_t = tl.where(rmask[None, :] & cmask[:, None], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
@@ -152,13 +156,8 @@ def _own_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu, qk_scale, sm_scale,
             rows = m + tl.arange(0, BM)
             rmask = rows < q_hi
             trow = t0 + rows
-            q = tl.load(Q + trow[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
-            do = tl.load(DO + (trow * G * HKV + h)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-            lse = tl.load(LSE + trow * G * HKV + h, mask=rmask, other=0.0)
-            delta = tl.load(DELTA + trow * G * HKV + h, mask=rmask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, trow, h, rmask, stride_qt, stride_qh, G * HKV, D,
+                                            UPCAST)
             keep = (rows[None, :] >= cols[:, None]) & ((rows // BLOCK_SIZE)[None, :] == key_blk[:, None])
             keep = keep & rmask[None, :] & cmask[:, None]
             p_t = tl.where(keep, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)
@@ -189,13 +188,7 @@ def _own_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEL, DQP, cu, qk_scale, sm_scale
     rmask = rows < seq_len
     trow = t0 + rows
     d = tl.arange(0, D)
-    q = tl.load(Q + trow[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
-    do = tl.load(DO + (trow * H + h)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-    lse = tl.load(LSE + trow * H + h, mask=rmask, other=0.0)
-    delta = tl.load(DELTA + trow * H + h, mask=rmask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, trow, h, rmask, stride_qt, stride_qh, H, D, UPCAST)
     hk = h // G
     own_start = (rows // BLOCK_SIZE) * BLOCK_SIZE
     kv_hi = tl.minimum(m0 + BM, seq_len)
