@@ -61,17 +61,12 @@ class TierMoves:
 
     def _drop_many(self, victims: list[BlockRecord]) -> None:
         """:meth:`_demote` for a store without an SSD tier or an event sink: free the slots, unindex."""
-        dram, release, ranges = self._dram, self.arena.release, self._ranges
+        dram, release = self._dram, self.arena.release
         for record in victims:
-            key = record.key
-            del dram[key]
+            del dram[record.key]
             release(record.slot)
             record.tier = Tier.NONE
-            layers = ranges.get((key.model_id, key.block_hash))
-            if layers is not None and key not in self._ssd:
-                layers.discard((key.layer_start, key.layer_end))
-                if not layers:
-                    del ranges[(key.model_id, key.block_hash)]
+            self._index_drop_if_gone(record.key)
         self._dram_evictions += len(victims)
 
     def _demote(self, record: BlockRecord) -> None:
