@@ -51,10 +51,11 @@ def _raw_serve(conn, max_bytes: int) -> None:
 def _store_serve(conn, settings_kwargs: dict) -> None:
     import logging
 
-    from crescent.services.kvstore.server import KvStoreSettings, run_in_thread
+    from crescent.services.kvstore.server import KvStoreSettings, freeze_startup_heap, run_in_thread
 
     logging.basicConfig(level=logging.WARNING)
     handle = run_in_thread(KvStoreSettings(**settings_kwargs))
+    freeze_startup_heap()  # this process is the store, as `crescent serve kvstore` is
     conn.send(handle.data_address)
     conn.recv()
     handle.stop()
