@@ -81,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-difficulty", type=int, default=2, help="digits per operand of the held-out problems")
     p.add_argument("--min-difficulty", type=int, default=1, help="curriculum's first difficulty")
     p.add_argument("--max-difficulty", type=int, default=3, help="curriculum's last difficulty")
-    p.add_argument("--optimizer", choices=["muon", "adamw"], default=RLSettings().optimizer)
-    p.add_argument("--lr", type=float, default=RLSettings().lr, help="RL learning rate (Muon's with muon)")
-    p.add_argument("--embedding-lr", type=float, default=RLSettings().embedding_lr,
+    rl = RLSettings()  # the RL defaults the sidecar itself would use
+    p.add_argument("--optimizer", choices=["muon", "adamw"], default=rl.optimizer)
+    p.add_argument("--lr", type=float, default=rl.lr, help="RL learning rate (Muon's with muon)")
+    p.add_argument("--embedding-lr", type=float, default=rl.embedding_lr,
                    help="AdamW lr of embeddings/head/norms with --optimizer muon")
-    p.add_argument("--temperature", type=float, default=RLSettings().temperature, help="rollout temperature")
+    p.add_argument("--temperature", type=float, default=rl.temperature, help="rollout temperature")
     p.add_argument("--updates", type=int, default=2, help="gradient steps per RL iteration")
     p.add_argument("--work-dir", type=Path, default=None, help="keep runs here instead of a temp folder")
     p.add_argument("--seed", type=int, default=0)
