@@ -34,8 +34,8 @@ def _raw_serve(conn, max_bytes: int) -> None:
                 sock.sendall(buf[:n])
             else:
                 got = 0
-                while got < n:
-                    got += sock.recv_into(buf[got:n], n - got)
+                while got < n:  # MSG_WAITALL, as the store's data server: one wake-up per batch
+                    got += sock.recv_into(buf[got:n], n - got, socket.MSG_WAITALL)
                 sock.sendall(b"k")
         sock.close()
 
@@ -118,7 +118,7 @@ class RawClient:
         self.sock.sendall(REQ.pack(b"g", len(out)))
         got = 0
         while got < len(out):
-            got += self.sock.recv_into(out[got:], len(out) - got)
+            got += self.sock.recv_into(out[got:], len(out) - got, socket.MSG_WAITALL)
 
     def put(self, data: memoryview) -> None:
         self.sock.sendall(REQ.pack(b"p", len(data)))

@@ -138,11 +138,15 @@ def set_io_timeout(sock: socket.socket, seconds: float | None) -> None:
 
 
 def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from ``sock``; ConnectionError if the peer goes away first."""
+    """Fill ``view`` from ``sock``; ConnectionError if the peer goes away first.
+
+    MSG_WAITALL: the kernel wakes the thread once the whole view is in (or on EOF, an error or the
+    SO_RCVTIMEO timeout, after which the loop goes on or fails), instead of once per arriving segment train:
+    fewer syscalls and GIL hand-offs per received MiB."""
     got, total = 0, len(view)
     while got < total:
         try:
-            n = sock.recv_into(view[got:], total - got)
+            n = sock.recv_into(view[got:], total - got, socket.MSG_WAITALL)
         except BlockingIOError as exc:  # SO_RCVTIMEO expired
             raise TimeoutError(f"receive timed out after {got} of {total} bytes") from exc
         if n == 0:

@@ -2,8 +2,10 @@
 
 Locking: one lock guards the index (records, LRU order, free slots, pins). Bytes move outside it: a reader
 pins a record (a lease) and copies or sends from the slot without the lock; a writer reserves a slot, fills it
-without the lock and commits. Eviction skips pinned records, so nothing is freed or moved under a reader or
-writer. Demotion to SSD writes under the lock (simple and safe; it runs only when the DRAM tier is full).
+without the lock and commits (:meth:`reserve`/:meth:`commit` for one block; :meth:`reserve_slots`/
+:meth:`commit_slots` for a batch of small blocks, with nothing made per block until it is published). A reserved
+slot is off the free list and in no index, so nothing is freed or moved under a writer; eviction skips pinned
+records, so nothing is freed or moved under a reader. Demotion to SSD writes under the lock (simple and safe; it runs only when the DRAM tier is full).
 
 Eviction, demotion and the shutdown flush's steps live in :mod:`tiering`. Promotion copies a block up and keeps
 its SSD file, so a later demotion of an unchanged block writes nothing
@@ -21,6 +23,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 from crescent.services.common import metrics
 from crescent.services.kvstore.blocks import (
@@ -40,6 +44,7 @@ from crescent.services.kvstore.ssd import SsdTier
 from crescent.services.kvstore.tiering import TierMoves
 
 log = logging.getLogger(__name__)
+SLOT_EXISTS, SLOT_FULL = -1, -2  # reserve_slots: the block is stored already / no slot could be had
 _SSD_READERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvstore-ssd")  # reads release the GIL
 
 
@@ -111,53 +116,69 @@ class BlockStore(TierMoves):
             finally:
                 self._count_evictions()
 
-    def reserve_many(self, keys: list[BlockKey],
-                     sizes: list[int]) -> list[Reservation | None | StoreFullError]:
-        """:meth:`reserve` for a run of blocks without metadata, under one hold of the lock; a block with
-        no slot to be had gets the StoreFullError instead of raising it."""
+    def reserve_slots(self, keys: list[BlockKey], sizes: list[int]) -> np.ndarray:
+        """Reserve DRAM slots for a run of blocks without metadata, under one hold of the lock: each block's
+        slot, ``SLOT_EXISTS`` when it is stored already, ``SLOT_FULL`` when no slot could be had (every other
+        one pinned). Nothing is made per block: a reserved slot is only off the free list, invisible to
+        readers, until :meth:`commit_slots` publishes it or :meth:`release_slots` gives it back.
+
+        The slots ascend, so blocks of one batch land in consecutive slots: the data server receives a whole
+        run with one ``recv_into`` and sends it back with one iovec (freed slots come back in LRU order, which
+        a free-list stack would otherwise hand out backwards)."""
         if len(keys) != len(sizes):
             raise ValueError(f"{len(keys)} keys but {len(sizes)} sizes")
+        out = np.full(len(keys), SLOT_EXISTS, np.int64)
         if not keys:
-            return []
+            return out
         _validate_all(keys)
-        out: list[Reservation | None | StoreFullError]
         with self._lock:
             if not self.block_bytes:
                 self._create_arena(sizes[0])
-            block_bytes = self.block_bytes
-            if not 0 < min(sizes) <= max(sizes) <= block_bytes:  # checked before any slot is taken
-                raise ValueError(f"block sizes must be in (0, {block_bytes}] bytes for this store's slots")
-            # the per-block loops of a 64 KiB-block batch: locals and positional constructors on purpose
-            dram, ssd, arena = self._dram, self._ssd, self.arena
-            new = [i for i, key in enumerate(keys) if key not in dram and key not in ssd]
-            slots, full = self._take_slots(len(new))
-            # ascending slots: blocks of one batch land in consecutive slots, so the data server receives a
-            # whole run with one recv_into and sends it back with one iovec (freed slots come back in LRU
-            # order, which a free-list stack would otherwise hand out backwards)
+            if not 0 < min(sizes) <= max(sizes) <= self.block_bytes:  # checked before any slot is taken
+                raise ValueError(f"block sizes must be in (0, {self.block_bytes}] bytes for this store's slots")
+            dram, ssd = self._dram, self._ssd
+            new = np.array([i for i, key in enumerate(keys) if key not in dram and key not in ssd], np.int64)
+            slots = self._take_slots(len(new))
             slots.sort()
-            out = [None] * len(keys)
-            whole, slot_bytes, dram_tier = arena.region(0, arena.capacity_bytes), arena.slot_bytes, Tier.DRAM
-            for i, slot in zip(new[: len(slots)], slots, strict=True):
-                size, start = sizes[i], slot * slot_bytes
-                out[i] = Reservation(BlockRecord(keys[i], size, 0, b"", dram_tier, slot, 1),
-                                     whole[start : start + size])
-            for i in new[len(slots):]:
-                out[i] = full
+            out[new[: len(slots)]] = slots
+            out[new[len(slots) :]] = SLOT_FULL
             self._count_evictions()
         return out
 
-    def _take_slots(self, count: int) -> tuple[list[int], StoreFullError | None]:
-        """Up to ``count`` free slots (evicting LRU blocks as needed, in one batch) and, when fewer could be
-        had, the error that says why. Called with the lock held."""
+    def commit_slots(self, keys: list[BlockKey], slots: list[int], sizes: list[int], crcs: list[int]) -> None:
+        """Publish filled slots of :meth:`reserve_slots` with their blocks' checksums, under one hold of the
+        lock. A block that another put published meanwhile keeps that copy; this slot goes back."""
+        with self._lock:
+            dram, ssd, ranges, sink, release = self._dram, self._ssd, self._ranges, self.event_sink, self.arena.release
+            dram_tier = Tier.DRAM
+            for key, slot, size, crc in zip(keys, slots, sizes, crcs, strict=True):
+                if key in dram or key in ssd:
+                    release(slot)
+                    continue
+                record = dram[key] = BlockRecord(key, size, crc, b"", dram_tier, slot, 0)
+                layers = ranges.get((key.model_id, key.block_hash))  # _index_add, inlined (per block)
+                if layers is None:
+                    ranges[(key.model_id, key.block_hash)] = {(key.layer_start, key.layer_end)}
+                else:
+                    layers.add((key.layer_start, key.layer_end))
+                if sink is not None:
+                    self._emit(EventKind.STORED, record, dram_tier)
+
+    def release_slots(self, slots) -> None:
+        """Give back reserved slots that were never filled (a batch cut off, a block with no room)."""
+        with self._lock:
+            self.arena.free_list.extend(int(s) for s in slots)
+
+    def _take_slots(self, count: int) -> list[int]:
+        """Up to ``count`` free slots, evicting LRU blocks as needed in one batch (fewer when the rest are
+        pinned). Called with the lock held."""
         free = self.arena.free_list
         if len(free) < count:
             self._evict_lru(count - len(free))
         take = min(count, len(free))
         slots = free[len(free) - take :]
         del free[len(free) - take :]
-        if take < count:
-            return slots, StoreFullError("every DRAM slot is held by an in-flight transfer; retry")
-        return slots, None
+        return slots
 
     def _reserve_locked(self, key: BlockKey, size: int, meta: bytes) -> Reservation | None:
         if not self.block_bytes:
@@ -176,33 +197,6 @@ class BlockStore(TierMoves):
         record = reservation.record
         with self._lock:
             self._commit_locked(record, checksum(reservation.view, record.meta) if crc is None else crc)
-
-    def commit_many(self, filled: list[tuple[Reservation, int]]) -> None:
-        """:meth:`commit` for a run of (reservation, its checksum) under one hold of the lock."""
-        for reservation, crc in filled:
-            reservation.record.crc = crc  # unpublished: nobody else reads it yet
-        self.commit_checksummed([reservation for reservation, _ in filled])
-
-    def commit_checksummed(self, filled: list[Reservation]) -> None:
-        """:meth:`commit_many` for reservations whose records already hold their checksum (set by whoever
-        checksummed the received bytes), under one hold of the lock."""
-        with self._lock:
-            dram, ssd, ranges, sink = self._dram, self._ssd, self._ranges, self.event_sink
-            for reservation in filled:
-                record = reservation.record
-                key = record.key
-                if key in dram or key in ssd:
-                    self._commit_locked(record, record.crc)  # lost a race with another put: the general path
-                    continue
-                record.pins -= 1
-                dram[key] = record
-                layers = ranges.get((key.model_id, key.block_hash))  # _index_add, inlined (per block)
-                if layers is None:
-                    ranges[(key.model_id, key.block_hash)] = {(key.layer_start, key.layer_end)}
-                else:
-                    layers.add((key.layer_start, key.layer_end))
-                if sink is not None:
-                    self._emit(EventKind.STORED, record, Tier.DRAM)
 
     def _commit_locked(self, record: BlockRecord, crc: int) -> None:
         record.crc = crc

@@ -1,19 +1,16 @@
-"""The 64 KiB-block batch paths: ascending slot reservation, batch eviction, array-built receive groups and GET
-descriptions, the checksum queue two threads drain, and batch key validation."""
+"""The 64 KiB-block batch paths: slot-only reservation in ascending order, publishing filled slots, batch
+eviction, array-built receive groups and GET descriptions, and batch key validation."""
 
 from __future__ import annotations
-
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from crescent.services.kvstore import small_puts
-from crescent.services.kvstore.blocks import BlockKey, StoreFullError, Tier, checksum, crc_update
-from crescent.services.kvstore.crc_pipeline import BlockCrcs, CrcBatch, verify_all
+from crescent.services.kvstore.blocks import BlockKey, Tier, checksum, crc_update
+from crescent.services.kvstore.crc_pipeline import verify_all
 from crescent.services.kvstore.data_server import _describe, _describe_with_meta
-from crescent.services.kvstore.store import BlockStore
+from crescent.services.kvstore.store import SLOT_EXISTS, SLOT_FULL, BlockStore
 from crescent.services.kvstore.tcp import split_payload
 
 BLOCK = 256
@@ -27,47 +24,58 @@ def data(h: int) -> bytes:
     return bytes((h * 7 + i) % 251 for i in range(BLOCK))
 
 
-def put_batch(store: BlockStore, hashes: list[int]) -> list:
-    got = store.reserve_many([key(h) for h in hashes], [BLOCK] * len(hashes))
-    for res, h in zip(got, hashes, strict=True):
-        if res is not None and not isinstance(res, StoreFullError):
-            res.view[:] = data(h)
-            res.record.crc = checksum(res.view)
-    store.commit_checksummed([r for r in got if r is not None and not isinstance(r, StoreFullError)])
-    return got
+def fill(store: BlockStore, slot: int, payload: bytes) -> int:
+    store.arena.view(slot, len(payload))[:] = payload
+    return crc_update(payload)
 
 
-def test_reserve_many_hands_out_ascending_slots_after_evictions():
+def put_batch(store: BlockStore, hashes: list[int]) -> np.ndarray:
+    slots = store.reserve_slots([key(h) for h in hashes], [BLOCK] * len(hashes))
+    filled = [(key(h), int(s), fill(store, int(s), data(h))) for h, s in zip(hashes, slots, strict=True) if s >= 0]
+    store.commit_slots([k for k, _, _ in filled], [s for _, s, _ in filled], [BLOCK] * len(filled),
+                       [c for _, _, c in filled])
+    return slots
+
+
+def test_reserve_slots_hands_out_ascending_slots_after_evictions():
     store = BlockStore(8 * BLOCK, block_bytes=BLOCK)
     put_batch(store, list(range(8)))
-    got = put_batch(store, list(range(100, 106)))  # evicts the 6 least recently used, frees their slots
-    slots = [r.record.slot for r in got]
+    slots = put_batch(store, list(range(100, 106))).tolist()  # evicts the 6 least recently used
     assert slots == sorted(slots) and slots == list(range(slots[0], slots[0] + 6))
     assert [store.tier_of(key(h)) for h in range(8)] == [Tier.NONE] * 6 + [Tier.DRAM] * 2
     assert all(store.get(key(h)) == (data(h), b"") for h in range(100, 106))
 
 
-def test_reserve_many_marks_stored_blocks_and_what_did_not_fit():
+def test_reserve_slots_marks_stored_blocks_and_what_did_not_fit():
     store = BlockStore(4 * BLOCK, block_bytes=BLOCK)
     put_batch(store, [1])
     lease = store.acquire(key(1))  # pinned: cannot be evicted
-    got = store.reserve_many([key(h) for h in (1, 2, 3, 4, 5)], [BLOCK] * 5)
-    assert got[0] is None  # already stored
-    assert [r.record.slot for r in got[1:4]] == sorted(r.record.slot for r in got[1:4])
-    assert isinstance(got[4], StoreFullError)  # 4 slots: one pinned block, three reservations
-    for res in got[1:4]:
-        store.abort(res)
+    slots = store.reserve_slots([key(h) for h in (1, 2, 3, 4, 5)], [BLOCK] * 5)
+    assert slots[0] == SLOT_EXISTS and slots[4] == SLOT_FULL  # 4 slots: one pinned block, three reserved
+    assert slots[1:4].tolist() == sorted(slots[1:4].tolist()) and (slots[1:4] >= 0).all()
+    assert store.lookup("m", [2, 3, 4]) == (0, [Tier.NONE] * 3)  # reserved slots are invisible
+    store.release_slots(slots[1:4])
     store.release(lease)
     assert store.arena.free_slots == 3
+
+
+def test_commit_slots_keeps_the_copy_another_put_published_first():
+    store = BlockStore(4 * BLOCK, block_bytes=BLOCK)
+    first = store.reserve_slots([key(1)], [BLOCK])
+    second = store.reserve_slots([key(1)], [BLOCK])  # the same block, a concurrent put: its own slot
+    assert first[0] >= 0 and second[0] >= 0 and first[0] != second[0]
+    store.commit_slots([key(1)], [int(first[0])], [BLOCK], [fill(store, int(first[0]), data(1))])
+    store.commit_slots([key(1)], [int(second[0])], [BLOCK], [fill(store, int(second[0]), data(2))])
+    assert store.get(key(1)) == (data(1), b"") and store.arena.free_slots == 3  # the loser's slot is back
 
 
 @pytest.mark.parametrize("bad", [BlockKey("m", 1 << 64, 0, 4), BlockKey("m", -1, 0, 4), BlockKey("m", 1, 4, 4),
                                  BlockKey("x" * 600, 1, 0, 4)], ids=["hash-too-big", "hash-negative",
                                                                      "empty-layers", "long-model"])
-def test_reserve_many_refuses_a_bad_key_anywhere_in_the_batch(bad):
+def test_reserve_slots_refuses_a_bad_key_anywhere_in_the_batch(bad):
     store = BlockStore(4 * BLOCK, block_bytes=BLOCK)
     with pytest.raises(ValueError):
-        store.reserve_many([key(1), bad, key(2)], [BLOCK] * 3)
+        store.reserve_slots([key(1), bad, key(2)], [BLOCK] * 3)
     assert store.arena.free_slots == 4
 
 
@@ -86,59 +94,16 @@ def test_keep_free_drops_lru_blocks_of_a_dram_only_store_and_unindexes_them():
 
 def test_groups_join_consecutive_full_slots_up_to_the_group_size(monkeypatch):
     monkeypatch.setattr(small_puts, "GROUP_BYTES", 3 * BLOCK)
-    store = BlockStore(16 * BLOCK, block_bytes=BLOCK)
-    got = store.reserve_many([key(h) for h in range(8)], [BLOCK] * 7 + [10])
-    got[2] = None          # stored already: alone, breaks the run
-    got[5] = StoreFullError("full")
+    slots = np.array([4, 5, SLOT_EXISTS, 6, 7, SLOT_FULL, 8, 9], np.int64)
     sizes = [BLOCK] * 7 + [10]
-    assert small_puts._groups(got, sizes, BLOCK) == [(0, 2), (2, 3), (3, 5), (5, 6), (6, 8)]
+    assert small_puts._groups(slots, sizes, BLOCK) == [(0, 2), (2, 3), (3, 5), (5, 6), (6, 8)]
     # a short block ends its group: the next block's bytes do not follow it in the arena
     short = [BLOCK, 10, BLOCK, BLOCK]
-    got = store.reserve_many([key(h) for h in range(20, 24)], short)
-    assert small_puts._groups(got, short, BLOCK) == [(0, 2), (2, 4)]
-
-
-def test_block_crcs_are_drained_by_two_threads_without_losing_a_group():
-    store = BlockStore(64 * BLOCK, block_bytes=BLOCK)
-    got = store.reserve_many([key(h) for h in range(64)], [BLOCK] * 64)
-    for res, h in zip(got, range(64), strict=True):
-        res.view[:] = data(h)
-    with ThreadPoolExecutor(1) as helper:
-        batch = CrcBatch(helper)
-        for at in range(0, 64, 8):
-            batch.add_blocks(got[at : at + 8], 8 * BLOCK)
-        batch.commit(store)  # the socket thread drains what the helper has not taken, then waits for it
-    assert all(store.get(key(h)) == (data(h), b"") for h in range(64))
-    assert all(r.record.crc == crc_update(data(h)) for r, h in zip(got, range(64), strict=True))
-
-
-def test_block_crcs_finish_waits_for_a_group_in_progress():
-    crcs = BlockCrcs()
-    started, release = threading.Event(), threading.Event()
-
-    class SlowView:  # a reservation whose checksum blocks until released
-        class record:
-            crc = 0
-
-        @property
-        def view(self):
-            started.set()
-            release.wait(5)
-            return b"abc"
-
-    crcs.items.append([SlowView()])
-    worker = threading.Thread(target=crcs.drain)
-    worker.start()
-    assert started.wait(5)
-    done = threading.Event()
-    waiter = threading.Thread(target=lambda: (crcs.finish(), done.set()))
-    waiter.start()
-    assert not done.wait(0.1)  # the other thread's group is not finished yet
-    release.set()
-    assert done.wait(5)
-    worker.join(5)
-    waiter.join(5)
-    assert SlowView.record.crc == crc_update(b"abc")
+    assert small_puts._groups(np.arange(20, 24), short, BLOCK) == [(0, 2), (2, 4)]
+    # slots out of order break runs; a long run is cut into groups of GROUP_BYTES
+    assert small_puts._groups(np.array([3, 2, 10, 11, 12, 13, 14]), [BLOCK] * 7, BLOCK) == [
+        (0, 1), (1, 2), (2, 5), (5, 7)]
+    assert small_puts._groups(np.array([], np.int64), [], BLOCK) == []
 
 
 def test_describe_matches_the_per_block_description():

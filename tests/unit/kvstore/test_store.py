@@ -239,14 +239,17 @@ def test_keep_free_demotes_lru_up_to_a_quarter_of_the_arena(tmp_path, events):
     assert store.get(key(2)) == (data(2), b"")  # demoted, still served
 
 
-def test_reserve_many_refuses_a_bad_size_before_taking_any_slot(tmp_path, events):
+def test_reserve_slots_refuses_a_bad_size_before_taking_any_slot(tmp_path, events):
     store = make(tmp_path, events, dram_blocks=4, ssd_blocks=0)
-    assert store.reserve_many([], []) == []
+    assert store.reserve_slots([], []).tolist() == []
     with pytest.raises(ValueError, match="block sizes"):
-        store.reserve_many([key(1), key(2)], [BLOCK, BLOCK + 1])
+        store.reserve_slots([key(1), key(2)], [BLOCK, BLOCK + 1])
     assert store.arena.free_slots == 4  # nothing leaked
-    got = store.reserve_many([key(1), key(2)], [BLOCK, 10])
-    for res, h in zip(got, (1, 2), strict=True):
-        res.view[:] = data(h)[: len(res.view)]
-    store.commit_many([(res, checksum(res.view)) for res in got])
+    slots = store.reserve_slots([key(1), key(2)], [BLOCK, 10]).tolist()
+    crcs = []
+    for slot, h, size in zip(slots, (1, 2), (BLOCK, 10), strict=True):
+        store.arena.view(slot, size)[:] = data(h)[:size]
+        crcs.append(checksum(data(h)[:size]))
+    store.commit_slots([key(1), key(2)], slots, [BLOCK, 10], crcs)
     assert store.get(key(1)) == (data(1), b"") and store.get(key(2)) == (data(2)[:10], b"")
+    assert [e.kind for e in events] == [EventKind.STORED, EventKind.STORED]
