@@ -131,14 +131,13 @@ def run_all(block_sizes: list[int], batch_bytes: int, min_bytes: int, rounds: in
             server = stack.enter_context(
                 ServerProcess("asyncio", block_bytes=size, dram_capacity_bytes=3 * batch))
             paths[("tcp-asyncio", size)] = StorePath(server.address, "tcp", size, batch)
-        best: dict[tuple[str, int, str], float] = {}
+        rates: dict[tuple[str, int, str], list[float]] = {}  # every round's rate, in round order
         for _ in range(rounds):
             for (path, size), p in paths.items():
                 for op in ("get", "put"):
                     if op == "get":
                         p.prepare_get()
-                    rate = _rate(getattr(p, op), p.batch_bytes, min_bytes)
-                    best[(path, size, op)] = max(best.get((path, size, op), 0.0), rate)
+                    rates.setdefault((path, size, op), []).append(_rate(getattr(p, op), p.batch_bytes, min_bytes))
         concurrency: dict[str, float] = {}
         for _ in range(max(1, rounds // 2)):  # alternated too, best round each
             for kind in ("tcp", "tcp-asyncio"):
@@ -150,5 +149,7 @@ def run_all(block_sizes: list[int], batch_bytes: int, min_bytes: int, rounds: in
                 concurrency[kind] = max(concurrency.get(kind, 0.0), rate)
         for p in paths.values():
             p.close()
-    return concurrency, [{"path": path, "block_bytes": size, "get_gb_per_s": best[(path, size, "get")],
-             "put_gb_per_s": best[(path, size, "put")]} for path, size in paths]
+    return concurrency, [{"path": path, "block_bytes": size, "get_gb_per_s": max(rates[(path, size, "get")]),
+                          "put_gb_per_s": max(rates[(path, size, "put")]),
+                          "get_rounds_gb_per_s": rates[(path, size, "get")],
+                          "put_rounds_gb_per_s": rates[(path, size, "put")]} for path, size in paths]
