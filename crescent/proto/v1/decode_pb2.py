@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from crescent.proto.v1 import common_pb2 as crescent_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63rescent/v1/decode.proto\x12\x0b\x63rescent.v1\x1a\x18\x63rescent/v1/common.proto\"\x94\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12\x30\n\rfirst_logprob\x18\x05 \x01(\x0b\x32\x19.crescent.v1.TokenLogprob\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.crescent.v1.SamplingParams\x12\x14\n\x0c\x62lock_hashes\x18\x07 \x03(\x04\x12\x17\n\x0fkvstore_address\x18\x08 \x01(\t\x12\x19\n\x11kvstore_transport\x18\t \x01(\t\"\xd8\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.crescent.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.crescent.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x15\n\rloaded_tokens\x18\x07 \x01(\r2P\n\x06\x44\x65\x63ode\x12\x46\n\x08Generate\x12\x1c.crescent.v1.GenerateRequest\x1a\x1a.crescent.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63rescent/v1/decode.proto\x12\x0b\x63rescent.v1\x1a\x18\x63rescent/v1/common.proto\"\xa9\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12\x30\n\rfirst_logprob\x18\x05 \x01(\x0b\x32\x19.crescent.v1.TokenLogprob\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.crescent.v1.SamplingParams\x12\x14\n\x0c\x62lock_hashes\x18\x07 \x03(\x04\x12\x17\n\x0fkvstore_address\x18\x08 \x01(\t\x12\x19\n\x11kvstore_transport\x18\t \x01(\t\x12\x13\n\x0bkv_model_id\x18\n \x01(\t\"\xd8\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.crescent.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.crescent.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x15\n\rloaded_tokens\x18\x07 \x01(\r2P\n\x06\x44\x65\x63ode\x12\x46\n\x08Generate\x12\x1c.crescent.v1.GenerateRequest\x1a\x1a.crescent.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'crescent.v1.decode_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=68
-  _globals['_GENERATEREQUEST']._serialized_end=344
-  _globals['_GENERATECHUNK']._serialized_start=347
-  _globals['_GENERATECHUNK']._serialized_end=563
-  _globals['_DECODE']._serialized_start=565
-  _globals['_DECODE']._serialized_end=645
+  _globals['_GENERATEREQUEST']._serialized_end=365
+  _globals['_GENERATECHUNK']._serialized_start=368
+  _globals['_GENERATECHUNK']._serialized_end=584
+  _globals['_DECODE']._serialized_start=586
+  _globals['_DECODE']._serialized_end=666
 # @@protoc_insertion_point(module_scope)

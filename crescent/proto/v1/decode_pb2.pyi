@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model_id", "prompt_token_ids", "first_token_id", "first_logprob", "sampling", "block_hashes", "kvstore_address", "kvstore_transport")
+    __slots__ = ("request_id", "model_id", "prompt_token_ids", "first_token_id", "first_logprob", "sampling", "block_hashes", "kvstore_address", "kvstore_transport", "kv_model_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class GenerateRequest(_message.Message):
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     KVSTORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KVSTORE_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    KV_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -27,7 +28,8 @@ class GenerateRequest(_message.Message):
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     kvstore_address: str
     kvstore_transport: str
-    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., block_hashes: _Optional[_Iterable[int]] = ..., kvstore_address: _Optional[str] = ..., kvstore_transport: _Optional[str] = ...) -> None: ...
+    kv_model_id: str
+    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., block_hashes: _Optional[_Iterable[int]] = ..., kvstore_address: _Optional[str] = ..., kvstore_transport: _Optional[str] = ..., kv_model_id: _Optional[str] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("token_ids", "text", "logprobs", "finish_reason", "prompt_tokens", "completion_tokens", "loaded_tokens")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from crescent.proto.v1 import common_pb2 as crescent_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63rescent/v1/prefill.proto\x12\x0b\x63rescent.v1\x1a\x18\x63rescent/v1/common.proto\"\xb3\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.crescent.v1.SamplingParams\x12\x17\n\x0fkvstore_address\x18\x05 \x01(\t\x12\x19\n\x11kvstore_transport\x18\x06 \x01(\t\"\xe2\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x30\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x19.crescent.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x15\n\rloaded_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x63omputed_tokens\x18\x05 \x01(\r\x12\x14\n\x0c\x62lock_hashes\x18\x06 \x03(\x04\x12\x15\n\rstored_blocks\x18\x07 \x01(\r\x12\x11\n\tprefill_s\x18\x08 \x01(\x01\x32O\n\x07Prefill\x12\x44\n\x07Prefill\x12\x1b.crescent.v1.PrefillRequest\x1a\x1c.crescent.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63rescent/v1/prefill.proto\x12\x0b\x63rescent.v1\x1a\x18\x63rescent/v1/common.proto\"\xb3\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.crescent.v1.SamplingParams\x12\x17\n\x0fkvstore_address\x18\x05 \x01(\t\x12\x19\n\x11kvstore_transport\x18\x06 \x01(\t\"\xf7\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x30\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x19.crescent.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x15\n\rloaded_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x63omputed_tokens\x18\x05 \x01(\r\x12\x14\n\x0c\x62lock_hashes\x18\x06 \x03(\x04\x12\x15\n\rstored_blocks\x18\x07 \x01(\r\x12\x11\n\tprefill_s\x18\x08 \x01(\x01\x12\x13\n\x0bkv_model_id\x18\t \x01(\t2O\n\x07Prefill\x12\x44\n\x07Prefill\x12\x1b.crescent.v1.PrefillRequest\x1a\x1c.crescent.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=69
   _globals['_PREFILLREQUEST']._serialized_end=248
   _globals['_PREFILLRESPONSE']._serialized_start=251
-  _globals['_PREFILLRESPONSE']._serialized_end=477
-  _globals['_PREFILL']._serialized_start=479
-  _globals['_PREFILL']._serialized_end=558
+  _globals['_PREFILLRESPONSE']._serialized_end=498
+  _globals['_PREFILL']._serialized_start=500
+  _globals['_PREFILL']._serialized_end=579
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kvstore_address: _Optional[str] = ..., kvstore_transport: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token_id", "first_logprob", "cached_tokens", "loaded_tokens", "computed_tokens", "block_hashes", "stored_blocks", "prefill_s")
+    __slots__ = ("first_token_id", "first_logprob", "cached_tokens", "loaded_tokens", "computed_tokens", "block_hashes", "stored_blocks", "prefill_s", "kv_model_id")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class PrefillResponse(_message.Message):
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     STORED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
+    KV_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     first_logprob: _common_pb2.TokenLogprob
     cached_tokens: int
@@ -41,4 +42,5 @@ class PrefillResponse(_message.Message):
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     stored_blocks: int
     prefill_s: float
-    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., loaded_tokens: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., stored_blocks: _Optional[int] = ..., prefill_s: _Optional[float] = ...) -> None: ...
+    kv_model_id: str
+    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., loaded_tokens: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., stored_blocks: _Optional[int] = ..., prefill_s: _Optional[float] = ..., kv_model_id: _Optional[str] = ...) -> None: ...

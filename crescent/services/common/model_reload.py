@@ -2,8 +2,10 @@
 
 The new version is validated (:class:`ModelWatcher`) and loaded in a thread while the old engine keeps serving.
 The swap is one assignment on the event loop: requests that already hold the old engine finish on it (it has its
-own KV cache, block-hash namespace and engine thread), new ones get the new engine. The old engine shuts down once
-its last request is done (or after ``drain_timeout_s``), and its prefix cache goes with it.
+own KV cache, block-hash namespace and engine thread), new ones get the new engine, except at decode a request
+whose prompt prefill computed on the old version (``kv_model_id``), which continues on it while it is loaded. The
+old engine shuts down once its last request is done and ``reload_grace_s`` has passed (or after
+``drain_timeout_s``), and its prefix cache goes with it.
 """
 
 from __future__ import annotations
@@ -82,19 +84,22 @@ async def watch_model(runtime: WorkerRuntime, interval_s: float) -> None:
             log.exception("model watch failed")
 
 
-async def retire(runtime: WorkerRuntime, old: Any, label: str, timeout_s: float) -> None:
-    """Wait for the requests holding ``old`` to finish (bounded), then shut it down."""
+async def retire(runtime: WorkerRuntime, old: Any, label: str, timeout_s: float, grace_s: float = 0.0) -> None:
+    """Wait for the requests holding ``old`` to finish and for ``grace_s`` to pass (requests prefilled on this
+    version may still arrive at decode), both bounded by ``timeout_s``; then shut it down."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
+    now = loop.time()
+    deadline, grace_end = now + timeout_s, now + min(grace_s, timeout_s)
     users = runtime.users_of(old)
     if users:
         log.info("draining %s: %d requests in flight", label, users)
     try:
-        while runtime.users_of(old) and loop.time() < deadline:
+        while (runtime.users_of(old) or loop.time() < grace_end) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         if runtime.users_of(old):
             log.warning("drain of %s timed out: aborting %d requests", label, runtime.users_of(old))
     finally:
+        runtime.closing(old)  # no await since the last check: no request can take it between the two
         await asyncio.to_thread(old.shutdown)
         runtime.forget(old)
         log.info("retired %s", label)

@@ -50,6 +50,9 @@ class WorkerServiceSettings(EngineSettings):
     heartbeat_interval_s: float = Field(1.0, description="Load heartbeat period (the conductor may shorten it).",
                                         gt=0)
     drain_timeout_s: float = Field(30.0, description="On SIGTERM, how long in-flight requests may finish.", ge=0)
+    reload_grace_s: float = Field(5.0, description="After a hot reload, how long the replaced version stays loaded "
+                                  "for requests prefilled on it (decode continues them on it), within "
+                                  "drain_timeout_s.", ge=0)
     kvstore_timeout_s: float = Field(30.0, description="Deadline of one batched kvstore transfer.", gt=0)
 
 
@@ -84,6 +87,7 @@ class WorkerRuntime:
         self._kv: KvTransfer | None = None
         self._users: Counter = Counter()  # AsyncEngine -> requests holding it
         self._retiring: dict[Any, asyncio.Task] = {}  # replaced engines draining their requests
+        self._closing: set[Any] = set()  # retiring engines being shut down: no request may take them any more
 
     def kv_transfer(self, engine: Any = None) -> KvTransfer:
         """Moves an engine's KV blocks (default: the current one's) to and from the store; rebuilt only when a
@@ -102,9 +106,14 @@ class WorkerRuntime:
         return self.engine
 
     @contextlib.asynccontextmanager
-    async def serving(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        """One request's hold on the current engine: a reload drains it before shutting it down."""
+    async def serving(self, context: grpc.aio.ServicerContext, kv_model_id: str = "") -> AsyncIterator[Any]:
+        """One request's hold on an engine, which a reload drains before shutting it down: the current one, or,
+        for a request whose prompt was computed under a replaced version's ``kv_model_id`` (prefilled just
+        before this worker swapped), that version while it is still loaded, so one request never mixes
+        versions."""
         engine = await self.require_engine(context)
+        if kv_model_id and kv_model_id != self.model_id:
+            engine = self.retiring_engine(kv_model_id) or engine
         self._users[engine] += 1
         self.in_flight += 1
         try:
@@ -116,9 +125,19 @@ class WorkerRuntime:
     def users_of(self, engine: Any) -> int:
         return self._users[engine]
 
+    def retiring_engine(self, model_id: str) -> Any:
+        """The replaced engine of block-hash namespace ``model_id`` if it is still loaded, else None."""
+        return next((old for old in self._retiring
+                     if old not in self._closing and old.engine.model_id == model_id), None)
+
+    def closing(self, engine: Any) -> None:
+        """``engine`` is about to shut down: from now on no request takes it."""
+        self._closing.add(engine)
+
     def forget(self, engine: Any) -> None:
         self._users.pop(engine, None)
         self._retiring.pop(engine, None)
+        self._closing.discard(engine)
 
     async def load(self) -> None:
         from crescent.services.worker.engine import LLMEngine
@@ -148,7 +167,8 @@ class WorkerRuntime:
                  engine.block_manager.num_blocks, engine.block_manager.block_size)
         if old is not None:
             self._retiring[old] = asyncio.create_task(
-                retire(self, old, f"{self.role_name} engine {old.engine.model_id}", self.settings.drain_timeout_s))
+                retire(self, old, f"{self.role_name} engine {old.engine.model_id}", self.settings.drain_timeout_s,
+                       self.settings.reload_grace_s))
 
     async def close_engines(self) -> None:
         """Stop the current engine and any still draining (worker shutdown)."""

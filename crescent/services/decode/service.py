@@ -31,7 +31,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     async def Generate(self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         outcome = "cancelled"
-        async with self.rt.serving(context) as engine:  # the whole stream runs on one model version
+        # the whole stream runs on one model version: the one prefill computed the prompt on, while it is loaded
+        async with self.rt.serving(context, request.kv_model_id) as engine:
             try:
                 async for chunk in self._generate(engine, request):
                     yield chunk

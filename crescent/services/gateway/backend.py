@@ -124,7 +124,8 @@ class ClusterClient:
         request = decode_pb2.GenerateRequest(
             request_id=sub.request_id, model_id=sub.model_id, prompt_token_ids=sub.prompt_ids,
             first_token_id=first.first_token_id, sampling=sub.sampling, block_hashes=first.block_hashes,
-            kvstore_address=place.kvstore.data_address, kvstore_transport=place.kvstore.transport)
+            kvstore_address=place.kvstore.data_address, kvstore_transport=place.kvstore.transport,
+            kv_model_id=first.kv_model_id)
         if first.HasField("first_logprob"):
             request.first_logprob.CopyFrom(first.first_logprob)
         call = decode.Generate(request, timeout=_left(deadline))

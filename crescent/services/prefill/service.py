@@ -73,7 +73,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         reply = prefill_pb2.PrefillResponse(first_token_id=final.token_ids[0], cached_tokens=cached,
                                             loaded_tokens=loaded, computed_tokens=computed,
                                             block_hashes=full_hashes if stored >= 0 else [],
-                                            stored_blocks=max(0, stored), prefill_s=time.perf_counter() - started)
+                                            stored_blocks=max(0, stored), prefill_s=time.perf_counter() - started,
+                                            kv_model_id=model_id)
         if final.new_logprobs:
             reply.first_logprob.CopyFrom(logprob_to_proto(final.new_logprobs[-1]))
         return reply

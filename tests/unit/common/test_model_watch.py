@@ -144,7 +144,7 @@ def test_runtime_swap_drains_the_old_engine_then_retires_it(tmp_path):
     from crescent.services.common.worker_service import WorkerRuntime, WorkerServiceSettings
 
     v1, v2 = _versions(tmp_path / "tiny", "v000001", "v000002")
-    settings = WorkerServiceSettings(model=str(tmp_path / "tiny"), drain_timeout_s=5.0)
+    settings = WorkerServiceSettings(model=str(tmp_path / "tiny"), drain_timeout_s=5.0, reload_grace_s=0.0)
     rt = WorkerRuntime(settings, common_pb2.ROLE_DECODE)
     assert rt.watcher is not None and rt.watcher.name == "tiny"
 
@@ -238,3 +238,36 @@ def test_reload_out_of_memory_is_retried_not_refused(tmp_path, monkeypatch):
     assert watcher.refused == {} and watcher.version == "v000001"
     assert asyncio.run(model_reload.reload_once(runtime)) is True  # the next poll tries again
     assert installed == ["engine-v2"] and watcher.version == "v000002"
+
+
+def test_decode_continues_a_request_on_the_version_prefill_used_while_it_is_loaded(tmp_path):
+    """Prefill computed the prompt on v1; decode swapped to v2 before the request arrived: within the reload
+    grace the request is served by v1 (its hash namespace and weights), after it by v2 (the prompt recomputed)."""
+    from crescent.services.common.worker_service import WorkerRuntime, WorkerServiceSettings
+
+    v1, v2 = _versions(tmp_path / "tiny", "v000001", "v000002")
+    settings = WorkerServiceSettings(model=str(tmp_path / "tiny"), drain_timeout_s=5.0, reload_grace_s=0.3)
+    rt = WorkerRuntime(settings, common_pb2.ROLE_DECODE)
+
+    async def scenario() -> None:
+        rt.watcher.accept(v1)
+        rt.install(_FakeLLMEngine("tiny@v000001"))
+        first = rt.engine
+        rt.watcher.accept(v2)
+        rt.install(_FakeLLMEngine("tiny@v000002"))  # no request holds v1: only the grace keeps it loaded
+        async with rt.serving(None, "tiny@v000001") as held:
+            assert held is first and held.running
+            async with rt.serving(None, "tiny@v000002") as other, rt.serving(None, "") as plain:
+                assert other is rt.engine and plain is rt.engine
+            await asyncio.sleep(0.5)  # past the grace: v1 still serves the request that holds it
+            assert held.running and rt.users_of(held) == 1
+        for _ in range(100):  # bounded: the retirement polls every 50 ms
+            if not first.running:
+                break
+            await asyncio.sleep(0.02)
+        assert not first.running
+        async with rt.serving(None, "tiny@v000001") as late:  # v1 is gone: the current version serves
+            assert late is rt.engine
+        await rt.close_engines()
+
+    asyncio.run(scenario())
