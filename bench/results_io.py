@@ -14,12 +14,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def git_commit() -> str:
-    """HEAD's commit, with "+dirty" when the tree has uncommitted changes; "unknown" outside git."""
+    """HEAD's commit, with "+dirty" when the tree has uncommitted changes; "unknown" outside git. Results written
+    by an earlier benchmark (bench/results/) do not count: a second run after a first is still of a clean tree."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=RESULTS.parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=RESULTS.parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(exclude,top)bench/results"], capture_output=True, text=True,
+                               cwd=RESULTS.parent).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
