@@ -5,6 +5,7 @@ leaks)."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import numpy as np
@@ -90,5 +91,39 @@ def test_disconnect_with_a_run_reserved_ahead_leaks_no_slot(tmp_path, small_runs
         assert [bytes(g) for g in got[:published]] == [block(h) for h in range(200, 200 + published)]
         # every slot reserved for this batch and not published, in this run or reserved ahead, is given back
         assert handle.store.arena.free_slots == free_before - published
+    finally:
+        handle.stop()
+
+
+def test_concurrent_batches_of_the_same_blocks_store_each_once_and_leak_no_slot(tmp_path, small_runs):
+    """Four connections put overlapping batches at once (runs of 8, groups of 3): every block ends up stored
+    once and intact; each slot a losing put reserved goes back."""
+    handle = start(tmp_path, dram_blocks=64)
+    errors: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def writer(offset: int) -> None:
+        hashes = [300 + (offset + i) % 40 for i in range(40)]  # the same 40 blocks, each in its own order
+        try:
+            with KvStoreClient.connect(handle.data_address, timeout_s=10) as client:
+                barrier.wait(5)
+                for _ in range(3):  # bounded: three rounds each
+                    if client.put_blocks("m", hashes, [block(h) for h in hashes], LAYERS) != 40:
+                        errors.append(f"writer {offset}: not every block was stored")
+        except Exception as exc:  # reported below: a thread's failure must fail the test
+            errors.append(f"writer {offset}: {exc!r}")
+
+    threads = [threading.Thread(target=writer, args=(k * 10,)) for k in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads) and errors == []
+        with KvStoreClient.connect(handle.data_address, verify_checksums=True) as client:
+            got = client.get_blocks("m", list(range(300, 340)), LAYERS)
+        assert [bytes(g) for g in got] == [block(h) for h in range(300, 340)]
+        stats = handle.store.stats()
+        assert stats["blocks_dram"] == 40 and handle.store.arena.free_slots == 64 - 40
     finally:
         handle.stop()
