@@ -50,8 +50,8 @@ class WorkerServiceSettings(EngineSettings):
     heartbeat_interval_s: float = Field(1.0, description="Load heartbeat period (the conductor may shorten it).",
                                         gt=0)
     drain_timeout_s: float = Field(30.0, description="On SIGTERM, how long in-flight requests may finish.", ge=0)
-    reload_grace_s: float = Field(5.0, description="After a hot reload, how long the replaced version stays loaded "
-                                  "for requests prefilled on it (decode continues them on it), within "
+    reload_grace_s: float = Field(5.0, description="Decode: after a hot reload, how long the replaced version stays "
+                                  "loaded for requests prefilled on it (they continue on it), within "
                                   "drain_timeout_s.", ge=0)
     kvstore_timeout_s: float = Field(30.0, description="Deadline of one batched kvstore transfer.", gt=0)
 
@@ -166,9 +166,11 @@ class WorkerRuntime:
         log.info("%s engine ready: model %s, %d KV blocks of %d tokens", self.role_name, self.model_id,
                  engine.block_manager.num_blocks, engine.block_manager.block_size)
         if old is not None:
+            # only decode receives requests pinned to a version (prefill's kv_model_id): prefill retires at once
+            grace_s = self.settings.reload_grace_s if self.role == common_pb2.ROLE_DECODE else 0.0
             self._retiring[old] = asyncio.create_task(
                 retire(self, old, f"{self.role_name} engine {old.engine.model_id}", self.settings.drain_timeout_s,
-                       self.settings.reload_grace_s))
+                       grace_s))
 
     async def close_engines(self) -> None:
         """Stop the current engine and any still draining (worker shutdown)."""

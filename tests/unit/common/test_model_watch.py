@@ -271,3 +271,27 @@ def test_decode_continues_a_request_on_the_version_prefill_used_while_it_is_load
         await rt.close_engines()
 
     asyncio.run(scenario())
+
+
+def test_prefill_retires_a_replaced_version_without_the_decode_grace(tmp_path):
+    """Requests reach prefill unpinned, so its replaced engine goes as soon as it is idle."""
+    from crescent.services.common.worker_service import WorkerRuntime, WorkerServiceSettings
+
+    v1, v2 = _versions(tmp_path / "tiny", "v000001", "v000002")
+    settings = WorkerServiceSettings(model=str(tmp_path / "tiny"), drain_timeout_s=30.0, reload_grace_s=30.0)
+    rt = WorkerRuntime(settings, common_pb2.ROLE_PREFILL)
+
+    async def scenario() -> None:
+        rt.watcher.accept(v1)
+        rt.install(_FakeLLMEngine("tiny@v000001"))
+        first = rt.engine
+        rt.watcher.accept(v2)
+        rt.install(_FakeLLMEngine("tiny@v000002"))
+        for _ in range(100):  # bounded: well under the 30 s grace
+            if not first.running:
+                break
+            await asyncio.sleep(0.02)
+        assert not first.running and rt.engine.running
+        await rt.close_engines()
+
+    asyncio.run(scenario())
