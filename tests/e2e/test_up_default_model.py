@@ -22,8 +22,9 @@ STARTUP_S = 240
 def gateway_url(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("up-logs")
     port = free_port()
+    # the kvstore's SSD tier in a temp dir: not the user's ~/.cache (a `crescent up` of their own may hold it)
     env = {**os.environ, "PYTHONPATH": str(REPO), "CRESCENT_TORCH_THREADS": "1", "CRESCENT_NUM_KV_BLOCKS": "512",
-           "CRESCENT_DEVICE": "cpu"}
+           "CRESCENT_DEVICE": "cpu", "CRESCENT_DATA_DIR": str(tmp_path_factory.mktemp("kvstore"))}
     proc = subprocess.Popen([sys.executable, "-m", "crescent.services.cli", "up", "--free-ports", "--port", str(port),
                              "--log-dir", str(log_dir), "--startup-timeout-s", str(STARTUP_S)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

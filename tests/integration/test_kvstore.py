@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crescent.proto.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from crescent.services.kvstore import protocol as p
+from crescent.services.kvstore.blocks import BlockKey
 from crescent.services.kvstore.client import KvStoreClient
 from crescent.services.kvstore.server import KvStoreSettings, run_in_thread
 from crescent.services.kvstore.transport import ServerError, TransferError, TransferState
@@ -271,5 +272,24 @@ def test_restart_finds_demoted_blocks(tmp_path):
         with KvStoreClient.connect(again.data_address) as client:
             assert client.lookup_prefix("m", [1, 2], LAYERS) == 2  # 1 and 2 were demoted to SSD
             assert [bytes(b) for b in client.get_blocks("m", [1, 2], LAYERS)] == [block(1), block(2)]
+    finally:
+        again.stop()
+
+
+def test_a_second_store_on_the_same_data_dir_is_refused_and_the_first_keeps_serving(tmp_path):
+    from crescent.services.kvstore.dir_lock import DataDirInUse
+
+    first = run_in_thread(settings(tmp_path))
+    try:
+        with pytest.raises(DataDirInUse, match="give each kvstore its own data_dir"):
+            run_in_thread(settings(tmp_path))
+        with KvStoreClient.connect(first.data_address) as client:
+            assert client.put_blocks("m", [1], [block(1)], LAYERS) == 1
+            assert bytes(client.get_blocks("m", [1], LAYERS)[0]) == block(1)
+    finally:
+        first.stop()
+    again = run_in_thread(settings(tmp_path))  # stopped: the directory is free again, its blocks found
+    try:
+        assert again.store.get(BlockKey("m", 1, *LAYERS)) == (block(1), b"")
     finally:
         again.stop()

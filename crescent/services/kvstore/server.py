@@ -25,6 +25,7 @@ from crescent.services.common.grpc_util import GrpcServer, start_metrics_server
 from crescent.services.common.logging import setup_logging
 from crescent.services.common.settings import CrescentSettings
 from crescent.services.kvstore.data_server import DataServer
+from crescent.services.kvstore.dir_lock import DataDirInUse, DataDirLock
 from crescent.services.kvstore.events import ConductorReporter
 from crescent.services.kvstore.flush import FlushReport, flush_in_background
 from crescent.services.kvstore.protocol import MAX_BLOCKS
@@ -120,6 +121,7 @@ class KvStoreHandle:
         self.stopped = threading.Event()
         self.reporter: ConductorReporter | None = None
         self.flush_report: FlushReport | None = None
+        self.dir_lock = DataDirLock(settings.data_dir)  # held from start() to stop() when there is an SSD tier
         self._thread = threading.Thread(target=self.loop.run_forever, name="kvstore-grpc", daemon=True)
 
     async def _start_grpc(self) -> None:
@@ -132,14 +134,21 @@ class KvStoreHandle:
         self._thread.start()
         self._call(self._start_grpc())
         self.grpc_address = f"{s.host}:{self.grpc.port}"
-        self.store = BlockStore(
-            s.dram_capacity_bytes,
-            s.ssd_capacity_bytes,
-            s.data_dir,
-            s.block_bytes,
-            fsync=s.ssd_fsync,
-            prefault=s.dram_prefault,
-        )
+        try:
+            if s.ssd_capacity_bytes > 0 and s.data_dir:  # before the SSD tier is scanned: its files are ours alone
+                self.dir_lock.acquire()
+            self.store = BlockStore(
+                s.dram_capacity_bytes,
+                s.ssd_capacity_bytes,
+                s.data_dir,
+                s.block_bytes,
+                fsync=s.ssd_fsync,
+                prefault=s.dram_prefault,
+            )
+        except BaseException:
+            self.dir_lock.release()
+            self._shutdown_grpc()
+            raise
         mooncake = None
         if s.transport == "mooncake":
             from crescent.services.kvstore.mooncake import MooncakeExport
@@ -169,10 +178,15 @@ class KvStoreHandle:
             self.flush_report = flush_in_background(self.store, self.settings.shutdown_flush_timeout_s)
         if self.reporter is not None:
             self.reporter.stop()
+        self._shutdown_grpc()
+        if self.flush_report is None or self.flush_report.finished:  # a flush still writing keeps the directory
+            self.dir_lock.release()
+        self.stopped.set()
+
+    def _shutdown_grpc(self) -> None:
         self._call(self.grpc.stop(grace_s=1.0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
-        self.stopped.set()
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
@@ -212,7 +226,11 @@ def freeze_startup_heap() -> None:
 def serve(settings: KvStoreSettings) -> None:
     """Run the kvstore until SIGTERM or SIGINT, then drain and return."""
     setup_logging("kvstore", settings.log_level)
-    handle = run_in_thread(settings)
+    try:
+        handle = run_in_thread(settings)
+    except (DataDirInUse, ValueError, OSError) as exc:  # one clear line, not a traceback
+        log.error("kvstore failed to start: %s", exc)
+        raise SystemExit(1) from exc
     start_metrics_server(settings.host, settings.metrics_port)
     freeze_startup_heap()
     stop = threading.Event()
