@@ -8,8 +8,8 @@ client meanwhile goes on sending into the socket's receive buffer, so the checks
 the answer then waits for the backlog.) The connection's helper thread reserves run k+1 while run k arrives.
 
 A block is published once all its bytes are in and checksummed, never before: a client that disconnects
-mid-batch leaves the whole blocks it sent (valid, content-addressed) and nothing half-written; every slot
-reserved and not filled goes back. A run that finds the store full of pinned slots first receives and publishes
+mid-batch leaves the blocks of every receive group that arrived whole (valid, content-addressed) and nothing
+half-written; every slot reserved and not filled goes back. A run that finds the store full of pinned slots first receives and publishes
 what fits (this batch's own blocks may be what pins the rest) and retries once.
 """
 
