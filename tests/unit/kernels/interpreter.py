@@ -17,10 +17,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
+import pytest
 import torch
 
 INTERPRET = not torch.cuda.is_available()
 DEV = "cpu" if INTERPRET else "cuda"
+# what the forward-and-backward (training) kernel tests load
+TRAINING_KERNELS = ["crescent.kernels.moba.routing_triton", "crescent.kernels.moba.prefill_triton",
+                    "crescent.kernels.moba.backward_triton", "crescent.kernels.moba.autograd"]
 
 
 def _set_env(value: str | None) -> str | None:
@@ -61,3 +65,33 @@ def run_in_fresh_interpreter(test_file: str) -> None:
     run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test_file],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def kernels_marker(mods: list[ModuleType] | None) -> pytest.MarkDecorator:
+    """Skip a test here when the kernels could not load; the fresh-process re-run then covers it."""
+    return pytest.mark.skipif(mods is None, reason="re-run in a fresh process by test_in_fresh_interpreter")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreter_env() -> Iterator[None]:
+    """Import it into a kernel test module: TRITON_INTERPRET=1 (on CPU) while that module's tests run."""
+    with interpreter_mode():
+        yield
+
+
+def fresh_interpreter_test(mods: list[ModuleType] | None, test_file: str):
+    """The module's ``test_in_fresh_interpreter``: runs ``test_file`` in a new process when the kernels did not
+    load in this one (skipped when they did)."""
+
+    @pytest.mark.skipif(mods is not None, reason="the kernels loaded in interpreter mode in this process")
+    def test_in_fresh_interpreter() -> None:
+        run_in_fresh_interpreter(test_file)
+
+    return test_in_fresh_interpreter
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, what: str = "output") -> float:
+    """||a - b|| / ||b|` in float64 on the CPU; a NaN in ``a`` (an element a kernel never wrote) fails."""
+    assert not torch.isnan(a).any(), f"{what} has NaN: an element was never written"
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))

@@ -10,30 +10,20 @@ import torch
 import torch.nn.functional as F
 
 from crescent.kernels.moba.reference import moba_attn_varlen
-from tests.unit.kernels.interpreter import DEV, interpreter_mode, load_kernels, run_in_fresh_interpreter
+from tests.unit.kernels.interpreter import (  # interpreter_env: the autouse fixture
+    DEV,
+    TRAINING_KERNELS,
+    fresh_interpreter_test,
+    interpreter_env,  # noqa: F401
+    kernels_marker,
+    load_kernels,
+    rel_err,
+)
 
-_KERNEL_MODULES = ["crescent.kernels.moba.routing_triton", "crescent.kernels.moba.prefill_triton",
-                   "crescent.kernels.moba.backward_triton", "crescent.kernels.moba.autograd"]
-_MODS = load_kernels(_KERNEL_MODULES)
+_MODS = load_kernels(TRAINING_KERNELS)
 autograd = _MODS[-1] if _MODS else None
-needs_kernels = pytest.mark.skipif(_MODS is None, reason="re-run in a fresh process by test_in_fresh_interpreter")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_env():
-    with interpreter_mode():
-        yield
-
-
-@pytest.mark.skipif(_MODS is not None, reason="the kernels loaded in interpreter mode in this process")
-def test_in_fresh_interpreter():
-    run_in_fresh_interpreter(__file__)
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert not torch.isnan(a).any(), "gradient has NaN: an element was never written"
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+needs_kernels = kernels_marker(_MODS)
+test_in_fresh_interpreter = fresh_interpreter_test(_MODS, __file__)
 
 
 def _inputs(lens: list[int], h: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0):
@@ -95,7 +85,7 @@ def test_gradients_match_reference_autograd(lens, h, hkv, d, block, topk, dtype,
     tol = 2e-5 if dtype == torch.float32 else 5e-3
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         assert a.dtype == dtype and a.shape == b.shape, name
-        assert _rel_err(a, b) < tol, (name, _rel_err(a, b))
+        assert rel_err(a, b, "gradient") < tol, (name, rel_err(a, b, "gradient"))
 
 
 @needs_kernels
@@ -105,7 +95,7 @@ def test_bf16_inputs():
     got = _kernel_grads(q, k, v, grad_out, cu, 8, 3)
     want = _reference_grads(q, k, v, grad_out, cu, 8, 3)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
-        assert a.dtype == torch.bfloat16 and _rel_err(a, b) < 3e-2, name
+        assert a.dtype == torch.bfloat16 and rel_err(a, b, "gradient") < 3e-2, name
 
 
 @needs_kernels
@@ -125,7 +115,7 @@ def test_topk_covering_all_blocks_is_causal_attention():
 
     want = _grads(causal, q, k, v, grad_out)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
-        assert _rel_err(a, b) < 2e-5, name
+        assert rel_err(a, b, "gradient") < 2e-5, name
 
 
 @needs_kernels
@@ -145,8 +135,8 @@ def test_strided_query_view():
     out = autograd.moba_attn_varlen_trainable(wide[..., :16], k, v, cu, 8, 3)
     out.backward(grad_out)
     want = _reference_grads(wide[..., :16].detach(), k, v, grad_out, cu, 8, 3)
-    assert _rel_err(out, want[0]) < 2e-5
-    assert _rel_err(wide.grad[..., :16], want[1]) < 2e-5
+    assert rel_err(out, want[0]) < 2e-5
+    assert rel_err(wide.grad[..., :16], want[1]) < 2e-5
     assert not wide.grad[..., 16:].any()
 
 

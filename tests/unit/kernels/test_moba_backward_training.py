@@ -8,23 +8,18 @@ import torch
 
 from crescent.models.config import ModelConfig, with_attention
 from crescent.training.pretrain import build_model, lm_loss, training_attention
-from tests.unit.kernels.interpreter import DEV, interpreter_mode, load_kernels, run_in_fresh_interpreter
+from tests.unit.kernels.interpreter import (  # interpreter_env: the autouse fixture
+    DEV,
+    TRAINING_KERNELS,
+    fresh_interpreter_test,
+    interpreter_env,  # noqa: F401
+    kernels_marker,
+    load_kernels,
+)
 
-_KERNEL_MODULES = ["crescent.kernels.moba.routing_triton", "crescent.kernels.moba.prefill_triton",
-                   "crescent.kernels.moba.backward_triton", "crescent.kernels.moba.autograd"]
-_MODS = load_kernels(_KERNEL_MODULES)
-needs_kernels = pytest.mark.skipif(_MODS is None, reason="re-run in a fresh process by test_in_fresh_interpreter")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_env():
-    with interpreter_mode():
-        yield
-
-
-@pytest.mark.skipif(_MODS is not None, reason="the kernels loaded in interpreter mode in this process")
-def test_in_fresh_interpreter():
-    run_in_fresh_interpreter(__file__)
+_MODS = load_kernels(TRAINING_KERNELS)
+needs_kernels = kernels_marker(_MODS)
+test_in_fresh_interpreter = fresh_interpreter_test(_MODS, __file__)
 
 
 def _config(head_dim: int = 16) -> ModelConfig:

@@ -15,30 +15,21 @@ from crescent.kernels.moba.reference import (
     moba_centroids,
     moba_decode_paged,
 )
-from tests.unit.kernels.interpreter import DEV, interpreter_mode, load_kernels, run_in_fresh_interpreter
+from tests.unit.kernels.interpreter import (  # interpreter_env: the autouse fixture
+    DEV,
+    fresh_interpreter_test,
+    interpreter_env,  # noqa: F401
+    kernels_marker,
+    load_kernels,
+    rel_err,
+)
 
 _KERNEL_MODULES = ["crescent.kernels.moba.routing_triton", "crescent.kernels.moba.prefill_triton",
                    "crescent.kernels.moba.decode_triton"]
 _MODS = load_kernels(_KERNEL_MODULES)
 routing, prefill, decode = _MODS or (None, None, None)
-needs_kernels = pytest.mark.skipif(_MODS is None, reason="re-run in a fresh process by test_in_fresh_interpreter")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_env():
-    with interpreter_mode():
-        yield
-
-
-@pytest.mark.skipif(_MODS is not None, reason="the kernels loaded in interpreter mode in this process")
-def test_in_fresh_interpreter():
-    run_in_fresh_interpreter(__file__)
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert not torch.isnan(a).any(), "output has NaN: an element was never written"
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+needs_kernels = kernels_marker(_MODS)
+test_in_fresh_interpreter = fresh_interpreter_test(_MODS, __file__)
 
 
 def _qkv(lens: list[int], h: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0):
@@ -71,7 +62,7 @@ def test_varlen_matches_reference(lens, h, hkv, d, block, topk, dtype):
     out = prefill.moba_attn_varlen_triton(q, k, v, cu, block, topk)
     ref = moba_attn_varlen(q.cpu().float(), k.cpu().float(), v.cpu().float(), cu.cpu(), block, topk)
     assert out.dtype == dtype and out.shape == q.shape
-    assert _rel_err(out.cpu(), ref) < _tol(dtype)
+    assert rel_err(out.cpu(), ref) < _tol(dtype)
 
 
 @needs_kernels
@@ -79,7 +70,7 @@ def test_prefix_chunk_matches_reference():
     q, k, v, _ = _qkv([77], 4, 2, 16, torch.float32, seed=3)
     out = prefill.moba_attn_prefix_triton(q[-21:], k, v, 16, 3)
     ref = moba_attn_prefix(q[-21:].cpu(), k.cpu(), v.cpu(), 16, 3)
-    assert _rel_err(out.cpu(), ref) < 2e-5
+    assert rel_err(out.cpu(), ref) < 2e-5
 
 
 @needs_kernels
@@ -91,7 +82,7 @@ def test_varlen_chunks_over_cached_prefixes_without_host_sync():
     out = prefill.moba_attn_varlen_qk_triton(q, k, v, cu_q, cu_k, 8, 3, max_seqlen_q=20, max_seqlen_k=40)
     ref = torch.cat([moba_attn_prefix(q[cu_q[i]:cu_q[i + 1]].cpu(), k[cu_k[i]:cu_k[i + 1]].cpu(),
                                       v[cu_k[i]:cu_k[i + 1]].cpu(), 8, 3) for i in range(2)])
-    assert _rel_err(out.cpu(), ref) < 2e-5
+    assert rel_err(out.cpu(), ref) < 2e-5
 
 
 @needs_kernels
@@ -163,7 +154,7 @@ def test_decode_paged_matches_reference(lens, h, hkv, page, mb, topk, dtype):
     out = decode.moba_decode_paged_triton(q, kc, vc, bt, ctx, mb, topk, chunk=16)
     ref = moba_decode_paged(q.cpu().float(), kc.cpu().float(), vc.cpu().float(), bt.cpu(), ctx.cpu(), mb, topk)
     assert out.shape == q.shape and out.dtype == dtype
-    assert _rel_err(out.cpu(), ref) < _tol(dtype)
+    assert rel_err(out.cpu(), ref) < _tol(dtype)
 
 
 @needs_kernels
@@ -180,7 +171,7 @@ def test_centroid_pool_updates_incrementally():
     assert torch.allclose(whole.layer(0)[last_page].cpu(), kc[tables[0][:2]].reshape(8, 2, 16).mean(0).cpu())
     out = decode.moba_decode_paged_triton(q, kc, vc, bt, ctx, 8, 3, centroids=whole.layer(0), chunk=16)
     ref = moba_decode_paged(q.cpu(), kc.cpu(), vc.cpu(), bt.cpu(), ctx.cpu(), 8, 3)
-    assert _rel_err(out.cpu(), ref) < 2e-5
+    assert rel_err(out.cpu(), ref) < 2e-5
 
 
 @needs_kernels
@@ -216,7 +207,7 @@ def test_triton_backend_matches_torch_backend_over_prefill_and_decode():
         q, k, v = (torch.randn(start, m, d, generator=g).to(DEV) for m in (h, hkv, hkv))
         outs = {name: backends[name].attend(0, q, k, v, AttentionContext(
             seqs, torch.tensor(slots, device=DEV), caches[name], block_size=page), spec) for name in backends}
-        assert _rel_err(outs["triton"].cpu(), outs["torch"].cpu()) < 2e-5, lens
+        assert rel_err(outs["triton"].cpu(), outs["torch"].cpu()) < 2e-5, lens
 
 
 def test_dispatch_uses_the_reference_on_cpu():
