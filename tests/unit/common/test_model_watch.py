@@ -140,6 +140,14 @@ class _FakeLLMEngine:
         return False
 
 
+async def _until_stopped(engine) -> None:
+    """Wait (bounded: 2 s) for a retiring engine to shut down; the caller asserts that it did."""
+    for _ in range(100):
+        if not engine.running:
+            return
+        await asyncio.sleep(0.02)
+
+
 def test_runtime_swap_drains_the_old_engine_then_retires_it(tmp_path):
     from crescent.services.common.worker_service import WorkerRuntime, WorkerServiceSettings
 
@@ -159,10 +167,7 @@ def test_runtime_swap_drains_the_old_engine_then_retires_it(tmp_path):
             assert rt.instance_info(1234).model_id == "tiny"  # the conductor's name is stable
             await asyncio.sleep(0.2)
             assert held.running and rt.users_of(held) == 1  # not shut down under its request
-        for _ in range(100):  # bounded: the drain polls every 50 ms
-            if not held.running:
-                break
-            await asyncio.sleep(0.02)
+        await _until_stopped(held)  # the drain polls every 50 ms
         assert not held.running and rt.engine.running
         await rt.close_engines()
         assert not rt.engine.running
@@ -261,10 +266,7 @@ def test_decode_continues_a_request_on_the_version_prefill_used_while_it_is_load
                 assert other is rt.engine and plain is rt.engine
             await asyncio.sleep(0.5)  # past the grace: v1 still serves the request that holds it
             assert held.running and rt.users_of(held) == 1
-        for _ in range(100):  # bounded: the retirement polls every 50 ms
-            if not first.running:
-                break
-            await asyncio.sleep(0.02)
+        await _until_stopped(first)  # the retirement polls every 50 ms
         assert not first.running
         async with rt.serving(None, "tiny@v000001") as late:  # v1 is gone: the current version serves
             assert late is rt.engine
@@ -287,10 +289,7 @@ def test_prefill_retires_a_replaced_version_without_the_decode_grace(tmp_path):
         first = rt.engine
         rt.watcher.accept(v2)
         rt.install(_FakeLLMEngine("tiny@v000002"))
-        for _ in range(100):  # bounded: well under the 30 s grace
-            if not first.running:
-                break
-            await asyncio.sleep(0.02)
+        await _until_stopped(first)  # well under the 30 s grace
         assert not first.running and rt.engine.running
         await rt.close_engines()
 
