@@ -5,7 +5,8 @@ pins a record (a lease) and copies or sends from the slot without the lock; a wr
 without the lock and commits (:meth:`reserve`/:meth:`commit` for one block; :meth:`reserve_slots`/
 :meth:`commit_slots` for a batch of small blocks, with nothing made per block until it is published). A reserved
 slot is off the free list and in no index, so nothing is freed or moved under a writer; eviction skips pinned
-records, so nothing is freed or moved under a reader. Demotion to SSD writes under the lock (simple and safe; it runs only when the DRAM tier is full).
+records, so nothing is freed or moved under a reader. Demotion to SSD writes under the lock (simple and safe; it
+runs only when the DRAM tier is full).
 
 Eviction, demotion and the shutdown flush's steps live in :mod:`tiering`. Promotion copies a block up and keeps
 its SSD file, so a later demotion of an unchanged block writes nothing
@@ -148,6 +149,8 @@ class BlockStore(TierMoves):
     def commit_slots(self, keys: list[BlockKey], slots: list[int], sizes: list[int], crcs: list[int]) -> None:
         """Publish filled slots of :meth:`reserve_slots` with their blocks' checksums, under one hold of the
         lock. A block that another put published meanwhile keeps that copy; this slot goes back."""
+        # _commit_locked's steps, inlined per block: through it the 64 KiB-block socket thread measured ~0.3 ms
+        # more per 16 MiB batch (commit_slots 0.63-0.75 -> 0.97-1.0 ms), a few % of the batch
         with self._lock:
             dram, ssd, ranges, sink, release = self._dram, self._ssd, self._ranges, self.event_sink, self.arena.release
             dram_tier = Tier.DRAM
@@ -156,7 +159,7 @@ class BlockStore(TierMoves):
                     release(slot)
                     continue
                 record = dram[key] = BlockRecord(key, size, crc, b"", dram_tier, slot, 0)
-                layers = ranges.get((key.model_id, key.block_hash))  # _index_add, inlined (per block)
+                layers = ranges.get((key.model_id, key.block_hash))  # _index_add
                 if layers is None:
                     ranges[(key.model_id, key.block_hash)] = {(key.layer_start, key.layer_end)}
                 else:
