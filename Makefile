@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CRESCENT := $(VENV)/bin/crescent
 # Reinstall when pyproject.toml changes.
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | sha1sum | cut -c1-12)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYTEST_ARGS ?=
 
@@ -28,7 +28,7 @@ system: ## apt packages: redis-server (conductor HA tests), libibverbs1 (Mooncak
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[dev]'
@@ -41,13 +41,13 @@ model: setup ## convert the default model (SmolLM2-135M-Instruct GGUF) into the 
 run: model ## start the whole platform locally (every service its own process); OpenAI API on localhost:8000
 	$(CRESCENT) up
 
-test: setup ## lint, then the whole test suite (GPU tests skip without a GPU)
-	$(VENV)/bin/ruff check crescent tests bench deploy
+test: lint ## lint, then the whole test suite (GPU tests skip without a GPU)
 	$(PY) -m crescent.proto.generate --check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: setup ## ruff
-	$(VENV)/bin/ruff check crescent tests bench deploy
+lint: setup ## ruff, and import-linter's contracts (layers one way, torch-free front services, no cycles)
+	$(VENV)/bin/ruff check crescent services kernels training tests bench deploy
+	$(VENV)/bin/lint-imports
 
 proto: setup ## regenerate the gRPC stubs from proto/
 	$(PY) -m crescent.proto.generate

@@ -17,9 +17,9 @@ import torch
 
 from bench.engine import runners
 from bench.results_io import write_result
+from crescent.engine.llm_engine import LLMEngine
+from crescent.engine.settings import EngineSettings
 from crescent.models.prepare import ensure_default_model
-from crescent.services.worker.engine import LLMEngine
-from crescent.services.worker.settings import EngineSettings
 
 
 def workload(n: int, seed: int, max_out: int) -> tuple[list[list[int]], list[int]]:

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from crescent.services.worker.engine import LLMEngine
-from crescent.services.worker.sampling_params import SamplingParams
+from crescent.engine.llm_engine import LLMEngine
+from crescent.engine.sampling_params import SamplingParams
 
 
 def clocks() -> tuple[float, float]:

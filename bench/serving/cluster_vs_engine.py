@@ -42,11 +42,11 @@ def summary(ttfts: list[float], tokens: int, wall: float) -> dict:
 
 # --- baseline: one engine, in this process --------------------------------------------------------------------
 async def run_engine(model_dir: Path, requests: list[tuple[str, int]], threads: int, timeout_s: float) -> dict:
-    from crescent.services.common.tokenizer import Tokenizer
-    from crescent.services.worker.async_engine import AsyncEngine
-    from crescent.services.worker.engine import LLMEngine
-    from crescent.services.worker.sampling_params import SamplingParams
-    from crescent.services.worker.settings import EngineSettings
+    from crescent.engine.async_engine import AsyncEngine
+    from crescent.engine.llm_engine import LLMEngine
+    from crescent.engine.sampling_params import SamplingParams
+    from crescent.engine.settings import EngineSettings
+    from crescent.models.tokenizer import Tokenizer
 
     settings = EngineSettings(model=str(model_dir), device="cpu", torch_threads=threads, num_kv_blocks=2048,
                               enable_prefix_caching=False)
@@ -146,9 +146,9 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=600.0, help="bound on each pass")
     args = parser.parse_args()
 
-    from crescent.models.prepare import make_tiny_model, resolve_model_path
+    from crescent.models.prepare import make_tiny_model, prepare_model
 
-    model_dir = Path(resolve_model_path(args.model)) if not args.tiny else \
+    model_dir = Path(prepare_model(args.model)) if not args.tiny else \
         make_tiny_model(Path(tempfile.mkdtemp()) / "bench-tiny")
     requests = make_requests(args.requests, [int(x) for x in args.prompt_words.split(",")],
                              [int(x) for x in args.max_tokens.split(",")])

@@ -126,7 +126,7 @@ def launch_tiny(logs: Path, queue_cap: int):
     """A tiny-model cluster on free ports (one prefill, one decode) with a small queue cap and a small store."""
     from crescent.models.prepare import make_tiny_model
     from crescent.services.common.launcher import free_port, plan_local_cluster, start_cluster
-    from crescent.services.common.settings import default_model_cache
+    from crescent.settings import default_model_cache
 
     model = default_model_cache() / "crescent-tiny"  # the same folder `crescent up --tiny` serves
     if not (model / "config.json").is_file():

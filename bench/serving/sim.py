@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 
 from bench.serving.sim_cluster import DecodeSim, Job, PrefillSim, SimStore, fast25_tbt
 from bench.serving.trace import TraceRequest
-from crescent.services.conductor.cluster import ClusterView, Placement, Request, Slo, Tier
+from crescent.services.conductor.cluster import Placement, Request, Slo, Tier
 from crescent.services.conductor.cost_model import CostModel
 from crescent.services.conductor.kv_index import KvIndex
 from crescent.services.conductor.ledger import Ledger
 from crescent.services.conductor.scheduler import add_reservations, decide
+from crescent.services.conductor.view import ClusterView
 
 
 @dataclass

@@ -144,9 +144,10 @@ def calibrate_now(args: argparse.Namespace, base: CostModel) -> tuple[CostModel,
     """
     import torch
 
-    from crescent.services.conductor.calibrate import EngineProfile, calibrate_with_samples
-    from crescent.services.worker.engine import LLMEngine
-    from crescent.services.worker.settings import EngineSettings
+    from crescent.engine.llm_engine import LLMEngine
+    from crescent.engine.settings import EngineSettings
+    from crescent.services.conductor.calibrate import calibrate_with_samples
+    from crescent.services.worker.calibrate import EngineProfile
 
     torch.set_num_threads(1)  # as the workers run
     settings = EngineSettings(model=args.model, device="cpu", torch_threads=1, num_kv_blocks=args.num_kv_blocks)

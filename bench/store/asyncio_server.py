@@ -13,7 +13,7 @@ import socket
 
 import numpy as np
 
-from crescent.services.kvstore import protocol as p
+from crescent.services.kvstore import wire as p
 from crescent.services.kvstore.blocks import BlockKey, checksum
 from crescent.services.kvstore.store import BlockStore, StoreFullError
 

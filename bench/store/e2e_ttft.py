@@ -48,10 +48,10 @@ def scrape_counters(url: str) -> dict[str, float]:
 
 
 def start(args: argparse.Namespace, logs: Path):
-    from crescent.models.prepare import resolve_model_path
+    from crescent.models.prepare import prepare_model
     from crescent.services.common.launcher import free_port, plan_local_cluster, start_cluster
 
-    model = resolve_model_path(args.model)
+    model = prepare_model(args.model)
     worker = {"torch_threads": args.torch_threads, "device": "cpu", "num_kv_blocks": 512,
               "heartbeat_interval_s": 0.5, "kvstore_timeout_s": 120}
     extra = {"prefill": worker, "decode": {**worker, "num_kv_blocks": 256},

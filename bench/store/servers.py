@@ -51,7 +51,8 @@ def _raw_serve(conn, max_bytes: int) -> None:
 def _store_serve(conn, settings_kwargs: dict) -> None:
     import logging
 
-    from crescent.services.kvstore.server import KvStoreSettings, freeze_startup_heap, run_in_thread
+    from crescent.services.kvstore.server import freeze_startup_heap, run_in_thread
+    from crescent.services.kvstore.settings import KvStoreSettings
 
     logging.basicConfig(level=logging.WARNING)
     handle = run_in_thread(KvStoreSettings(**settings_kwargs))

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from crescent.models.loader import ModelLoadError
 from crescent.models.prepare import ensure_default_model, make_tiny_model
+from crescent.models.registry import ModelLoadError
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -14,12 +14,16 @@ import torch
 from crescent.models.config import AttentionSpec, ModelConfig
 from crescent.models.gguf import convert_gguf
 from crescent.models.llama import LlamaForCausalLM
-from crescent.models.loader import ModelLoadError, save_model
-from crescent.services.common.settings import default_model_cache
+from crescent.models.loader import save_model
+from crescent.models.registry import (
+    COMPLETE_MARKER,
+    DEFAULT_MODEL_NAME,
+    ModelLoadError,
+    default_model_dir,
+    resolve_model_path,
+)
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_COMPLETE_MARKER = ".crescent-complete"  # written last: a folder without it is a crashed conversion
 
 
 def default_gguf_path() -> Path:
@@ -40,45 +44,30 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
     Atomic: the conversion goes to a temp folder beside the target and is renamed into place, so concurrent
     callers (several workers starting together) never see half a model.
     """
-    cache = Path(cache_dir) if cache_dir is not None else default_model_cache()
-    target = cache / DEFAULT_MODEL_NAME
-    if (target / _COMPLETE_MARKER).is_file():
+    target = default_model_dir(cache_dir)
+    cache = target.parent
+    if (target / COMPLETE_MARKER).is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=cache))
     try:
         convert_gguf(default_gguf_path(), tmp)
-        (tmp / _COMPLETE_MARKER).write_text("ok\n")
-        if target.exists() and not (target / _COMPLETE_MARKER).is_file():
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        if target.exists() and not (target / COMPLETE_MARKER).is_file():
             shutil.rmtree(target, ignore_errors=True)  # leftovers of an interrupted older layout
         try:
             os.rename(tmp, target)
         except OSError:
-            if not (target / _COMPLETE_MARKER).is_file():  # lost a race only if the winner is complete
+            if not (target / COMPLETE_MARKER).is_file():  # lost a race only if the winner is complete
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def resolve_model_path(name_or_path: str | Path, cache_dir: Path | None = None) -> Path:
-    """"default" or "SmolLM2-135M-Instruct" -> the prepared default model; a published model directory (v*
-    versions, see crescent.training.publish) -> its newest valid version; anything else an existing folder."""
-    if str(name_or_path) in ("default", DEFAULT_MODEL_NAME):
-        return ensure_default_model(cache_dir)
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        raise ModelLoadError(f"model {str(name_or_path)!r} is neither 'default' nor an existing model folder")
-    from crescent.services.common.model_watch import ModelWatcher, first_version, is_published_dir
-
-    if is_published_dir(path):
-        try:
-            return first_version(ModelWatcher(path))
-        except ValueError as e:
-            raise ModelLoadError(str(e)) from e
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} has no config.json: point at an HF-format model folder")
-    return path
+def prepare_model(name_or_path: str | Path, cache_dir: Path | None = None) -> Path:
+    """:func:`~crescent.models.registry.resolve_model_path`, converting the default model first when needed."""
+    return resolve_model_path(name_or_path, cache_dir, convert=ensure_default_model)
 
 
 def make_tiny_model(out_dir: str | Path, *, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,

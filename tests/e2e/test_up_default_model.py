@@ -25,7 +25,7 @@ def gateway_url(tmp_path_factory):
     # the kvstore's SSD tier in a temp dir: not the user's ~/.cache (a `crescent up` of their own may hold it)
     env = {**os.environ, "PYTHONPATH": str(REPO), "CRESCENT_TORCH_THREADS": "1", "CRESCENT_NUM_KV_BLOCKS": "512",
            "CRESCENT_DEVICE": "cpu", "CRESCENT_DATA_DIR": str(tmp_path_factory.mktemp("kvstore"))}
-    proc = subprocess.Popen([sys.executable, "-m", "crescent.services.cli", "up", "--free-ports", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "crescent.cli", "up", "--free-ports", "--port", str(port),
                              "--log-dir", str(log_dir), "--startup-timeout-s", str(STARTUP_S)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

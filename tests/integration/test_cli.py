@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from crescent.services import cli
+from crescent import cli
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "crescent.services.cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "crescent.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 
 

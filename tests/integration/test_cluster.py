@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -34,6 +35,16 @@ def client(cluster):
 def _chat(client, text: str, **kw):
     kw.setdefault("temperature", 0)
     return client.chat.completions.create(model=TINY_NAME, messages=[{"role": "user", "content": text}], **kw)
+
+
+def test_front_service_processes_never_load_torch(client, cluster):
+    """gateway, conductor and kvstore serve a request without torch in the process: no libtorch is mapped."""
+    _, group, _ = cluster
+    assert _chat(client, "hi", max_tokens=2).choices[0].message.content is not None
+    maps = {c.name: Path(f"/proc/{c.proc.pid}/maps").read_text() for c in group.children}
+    for name, text in maps.items():
+        front = name.split("-")[0] in ("gateway", "conductor", "kvstore")
+        assert ("libtorch" in text) != front, f"{name}: libtorch {'mapped' if front else 'missing'}"
 
 
 def test_models_lists_the_served_model(client):
@@ -126,9 +137,9 @@ _ENGINES: dict = {}
 
 def _reference(tmp, prompt: list[int], **params) -> str:
     """The same prompt through one in-process engine with nothing cached (the store empty)."""
-    from crescent.services.worker.engine import LLMEngine
-    from crescent.services.worker.sampling_params import SamplingParams
-    from crescent.services.worker.settings import EngineSettings
+    from crescent.engine.llm_engine import LLMEngine
+    from crescent.engine.sampling_params import SamplingParams
+    from crescent.engine.settings import EngineSettings
 
     if tmp not in _ENGINES:
         _ENGINES[tmp] = LLMEngine.from_settings(EngineSettings(model=str(tmp / TINY_NAME), device="cpu",

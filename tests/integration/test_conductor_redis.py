@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from crescent.hashing import prefix_block_hashes
 from crescent.proto.v1 import common_pb2, conductor_pb2
-from crescent.services.common.hashing import prefix_block_hashes
 
 from .conductor_client import free_port, register, stub, wait_until
 
@@ -39,7 +39,7 @@ def redis_url():
 
 def _start_replica(redis_url: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "crescent.services.conductor.server", "--port", str(port), "--metrics-port", "0",
+    cmd = [sys.executable, "-m", "crescent.cli", "serve", "conductor", "--port", str(port), "--metrics-port", "0",
            "--redis-url", redis_url, "--policy", "cache_aware", "--heartbeat-timeout-s", "1.0",
            "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

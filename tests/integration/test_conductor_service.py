@@ -6,9 +6,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from crescent.hashing import prefix_block_hashes
 from crescent.proto.v1 import common_pb2, conductor_pb2
-from crescent.services.common.hashing import prefix_block_hashes
-from crescent.services.conductor.server import ConductorSettings, run_in_thread
+from crescent.services.conductor.server import run_in_thread
+from crescent.services.conductor.settings import ConductorSettings
 
 from .conductor_client import register, stub, wait_until
 

@@ -13,10 +13,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crescent.proto.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
-from crescent.services.kvstore import protocol as p
+from crescent.services.kvstore import wire as p
 from crescent.services.kvstore.blocks import BlockKey
 from crescent.services.kvstore.client import KvStoreClient
-from crescent.services.kvstore.server import KvStoreSettings, run_in_thread
+from crescent.services.kvstore.server import run_in_thread
+from crescent.services.kvstore.settings import KvStoreSettings
 from crescent.services.kvstore.transport import ServerError, TransferError, TransferState
 
 BLOCK = 4096

@@ -11,10 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from crescent.services.kvstore import protocol as p
 from crescent.services.kvstore import small_puts
+from crescent.services.kvstore import wire as p
 from crescent.services.kvstore.client import KvStoreClient
-from crescent.services.kvstore.server import KvStoreSettings, run_in_thread
+from crescent.services.kvstore.server import run_in_thread
+from crescent.services.kvstore.settings import KvStoreSettings
 
 BLOCK = 4096
 LAYERS = (0, 2)

@@ -17,9 +17,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crescent.proto.v1 import kvstore_pb2, kvstore_pb2_grpc
-from crescent.services.kvstore import protocol as p
+from crescent.services.kvstore import wire as p
 from crescent.services.kvstore.client import KvStoreClient
-from crescent.services.kvstore.server import KvStoreSettings, run_in_thread
+from crescent.services.kvstore.server import run_in_thread
+from crescent.services.kvstore.settings import KvStoreSettings
 
 pytest.importorskip("mooncake.engine")
 
@@ -115,7 +116,9 @@ def test_service_process_serves_and_drains_on_sigterm(tmp_path):
         [
             sys.executable,
             "-m",
-            "crescent.services.kvstore.server",
+            "crescent.cli",
+            "serve",
+            "kvstore",
             "--port",
             str(grpc_port),
             "--data-port",

@@ -36,7 +36,7 @@ def start(data_dir, grpc_port: int, data_port: int) -> subprocess.Popen:
     args = ["--port", str(grpc_port), "--data-port", str(data_port), "--dram-capacity-bytes", str(16 * BLOCK),
             "--ssd-capacity-bytes", str(64 * BLOCK), "--block-bytes", str(BLOCK), "--no-ssd-fsync",
             "--shutdown-flush-timeout-s", "20"]
-    proc = subprocess.Popen([sys.executable, "-m", "crescent.services.kvstore.server", *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "crescent.cli", "serve", "kvstore", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     address = f"127.0.0.1:{grpc_port}"
     deadline = time.monotonic() + 30

@@ -1,4 +1,4 @@
-from crescent.services.common.hashing import chain_hash, model_seed, prefix_block_hashes
+from crescent.hashing import chain_hash, model_seed, prefix_block_hashes
 
 
 def test_only_full_blocks_are_hashed():

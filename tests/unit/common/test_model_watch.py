@@ -10,15 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from crescent.models.published import published_versions, versioned_model_id
 from crescent.proto.v1 import common_pb2
 from crescent.services.common import metrics as m
-from crescent.services.common.model_watch import (
-    ModelWatcher,
-    first_version,
-    published_versions,
-    versioned_model_id,
-    watcher_for,
-)
+from crescent.services.common.model_watch import ModelWatcher, first_version, watcher_for
 
 
 def _versions(root: Path, *names: str) -> list[Path]:
@@ -102,7 +97,7 @@ def test_watcher_for_plain_and_published_folders(tmp_path):
 
 def test_real_checkpoints_validated_and_resolved(tmp_path):
     """With publish_checkpoint and validate_checkpoint: a corrupt newest version is refused by its sha256."""
-    from crescent.models.prepare import resolve_model_path
+    from crescent.models.prepare import prepare_model
     from crescent.training.pretrain import build_model, model_config
     from crescent.training.publish import publish_checkpoint
     from crescent.training.settings import ModelShapeSettings
@@ -122,8 +117,8 @@ def test_real_checkpoints_validated_and_resolved(tmp_path):
     watcher = ModelWatcher(tmp_path / "m")
     assert watcher.poll() == good
     assert "sha256" in watcher.refused["v000002"]
-    assert resolve_model_path(tmp_path / "m") == good
-    from crescent.services.cli import _resolve_model  # `crescent up --model DIR` serves (and watches) the DIR
+    assert prepare_model(tmp_path / "m") == good
+    from crescent.cli import _resolve_model  # `crescent up --model DIR` serves (and watches) the DIR
 
     args = SimpleNamespace(tiny=False, model=str(tmp_path / "m"), served_model_name="")
     assert _resolve_model(args) == (str((tmp_path / "m").resolve()), "m")
@@ -149,7 +144,8 @@ async def _until_stopped(engine) -> None:
 
 
 def test_runtime_swap_drains_the_old_engine_then_retires_it(tmp_path):
-    from crescent.services.common.worker_service import WorkerRuntime, WorkerServiceSettings
+    from crescent.services.worker.service import WorkerRuntime
+    from crescent.services.worker.settings import WorkerServiceSettings
 
     v1, v2 = _versions(tmp_path / "tiny", "v000001", "v000002")
     settings = WorkerServiceSettings(model=str(tmp_path / "tiny"), drain_timeout_s=5.0, reload_grace_s=0.0)
@@ -183,8 +179,9 @@ def test_reload_refuses_a_version_that_validates_but_does_not_load(tmp_path):
     import hashlib
     import json
 
-    from crescent.services.common.model_reload import load_first, reload_once
-    from crescent.services.common.worker_service import WorkerRuntime, WorkerServiceSettings
+    from crescent.services.worker.reload import load_first, reload_once
+    from crescent.services.worker.service import WorkerRuntime
+    from crescent.services.worker.settings import WorkerServiceSettings
     from crescent.training.pretrain import build_model, model_config
     from crescent.training.publish import publish_checkpoint
     from crescent.training.settings import ModelShapeSettings
@@ -248,7 +245,8 @@ def test_reload_out_of_memory_is_retried_not_refused(tmp_path, monkeypatch):
 def test_decode_continues_a_request_on_the_version_prefill_used_while_it_is_loaded(tmp_path):
     """Prefill computed the prompt on v1; decode swapped to v2 before the request arrived: within the reload
     grace the request is served by v1 (its hash namespace and weights), after it by v2 (the prompt recomputed)."""
-    from crescent.services.common.worker_service import WorkerRuntime, WorkerServiceSettings
+    from crescent.services.worker.service import WorkerRuntime
+    from crescent.services.worker.settings import WorkerServiceSettings
 
     v1, v2 = _versions(tmp_path / "tiny", "v000001", "v000002")
     settings = WorkerServiceSettings(model=str(tmp_path / "tiny"), drain_timeout_s=5.0, reload_grace_s=0.3)
@@ -277,7 +275,8 @@ def test_decode_continues_a_request_on_the_version_prefill_used_while_it_is_load
 
 def test_prefill_retires_a_replaced_version_without_the_decode_grace(tmp_path):
     """Requests reach prefill unpinned, so its replaced engine goes as soon as it is idle."""
-    from crescent.services.common.worker_service import WorkerRuntime, WorkerServiceSettings
+    from crescent.services.worker.service import WorkerRuntime
+    from crescent.services.worker.settings import WorkerServiceSettings
 
     v1, v2 = _versions(tmp_path / "tiny", "v000001", "v000002")
     settings = WorkerServiceSettings(model=str(tmp_path / "tiny"), drain_timeout_s=30.0, reload_grace_s=30.0)

@@ -3,7 +3,7 @@ import argparse
 import pytest
 from pydantic import Field
 
-from crescent.services.common.settings import CrescentSettings, add_settings_flags, settings_from_flags
+from crescent.settings import CrescentSettings, add_settings_flags, settings_from_flags
 
 
 class DemoSettings(CrescentSettings):

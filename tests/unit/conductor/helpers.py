@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from crescent.services.conductor.cluster import (
-    ClusterView,
-    InstanceInfo,
-    InstanceState,
-    Load,
-    Request,
-    Role,
-    Tier,
-)
+from crescent.services.conductor.cluster import InstanceInfo, InstanceState, Load, Request, Role, Tier
 from crescent.services.conductor.cost_model import CostModel
 from crescent.services.conductor.kv_index import KvEventKind, KvIndex
 from crescent.services.conductor.ledger import Ledger
+from crescent.services.conductor.view import ClusterView
 
 BS = 16
 # Round numbers so expected times can be worked out by hand: 1 ms per prefill token, no attention term.

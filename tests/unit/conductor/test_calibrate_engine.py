@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from crescent.services.conductor.calibrate import EngineProfile, calibrate
-from crescent.services.worker.model_runner import kv_block_bytes
+from crescent.engine.model_runner import kv_block_bytes
+from crescent.services.conductor.calibrate import calibrate
+from crescent.services.worker.calibrate import EngineProfile
 from tests.unit.worker.helpers import make_engine, tiny_model
 
 

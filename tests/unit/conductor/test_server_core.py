@@ -9,7 +9,8 @@ from pydantic import ValidationError
 from crescent.services.conductor.cluster import InstanceInfo, Load, Role, Tier
 from crescent.services.conductor.cost_model import CostModel
 from crescent.services.conductor.kv_index import KvEventKind
-from crescent.services.conductor.server import ConductorSettings, build_conductor, expire_once
+from crescent.services.conductor.server import build_conductor, expire_once
+from crescent.services.conductor.settings import ConductorSettings
 
 
 def _dropped(role: str) -> float:

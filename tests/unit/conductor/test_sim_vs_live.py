@@ -91,7 +91,7 @@ def test_the_measured_cost_model_file_is_sane():
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy: replay was imported above
 def test_cli_bench_runs_a_script_by_its_bare_name(capsys):
-    from crescent.services import cli
+    from crescent import cli
 
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", "replay", "--help"])

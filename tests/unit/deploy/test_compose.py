@@ -37,7 +37,9 @@ def test_each_service_runs_its_role_on_its_ports(role):
     port, metrics_port = ROLES[role]
     svc = compose()["services"][role]
     assert svc["command"] == ["serve", role]
-    assert svc["build"] == {"context": ".", "dockerfile": "deploy/Dockerfile"}
+    target = "worker" if role in ("prefill", "decode") else "front"
+    assert svc["build"] == {"context": ".", "dockerfile": "deploy/Dockerfile", "target": target}
+    assert svc["image"] == ("crescent:0.1.0" if target == "worker" else "crescent-front:0.1.0")
     env = svc["environment"]
     assert env["CRESCENT_HOST"] == "0.0.0.0" and env["CRESCENT_PORT"] == str(port)
     if metrics_port is not None:
@@ -58,8 +60,11 @@ def test_volumes_monitoring_and_published_ports():
     assert {"model-cache", "kvstore-data"} <= set(doc["volumes"])
     assert "kvstore-data:/data" in services["kvstore"]["volumes"]
     assert services["kvstore"]["environment"]["CRESCENT_DATA_DIR"] == "/data"
-    for role in ("gateway", "prefill", "decode"):
+    for role in ("prefill", "decode"):
         assert "model-cache:/home/crescent/.cache/crescent/models" in services[role]["volumes"]
+    # the gateway reads the tokenizer from the folder the worker image prepared, and never writes it
+    assert "model-cache:/home/crescent/.cache/crescent/models:ro" in services["gateway"]["volumes"]
+    assert services["gateway"]["depends_on"]["prefill"] == {"condition": "service_healthy"}
     assert services["gateway"]["ports"] == ["127.0.0.1:8000:8000"]
     assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
     grafana_mounts = services["grafana"]["volumes"]
@@ -69,7 +74,28 @@ def test_volumes_monitoring_and_published_ports():
             assert (REPO / mount.split(":")[0]).exists(), mount
 
 
-def test_dockerfile_builds_one_image_that_runs_offline():
+def _stage(text: str, name: str) -> str:
+    """The lines of one build stage (``FROM ... AS name`` up to the next FROM)."""
+    start = text.index(f" AS {name}\n")
+    end = text.find("\nFROM ", start)
+    return text[start:end if end != -1 else None]
+
+
+def test_front_image_installs_no_torch():
+    """gateway, conductor and kvstore build from a stage that never installs torch; torch is not a base dependency
+    of the package either (it sits in the worker extra), so `pip install .` cannot pull it in."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    front, worker = _stage(text, "front"), _stage(text, "worker")
+    assert "pip install --index-url" not in front and "torch==" not in front and 'pip install ".[mooncake]"' in front
+    assert "torch==2.13.0" in worker and '".[worker,${EXTRAS}]"' in worker
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith(("torch", "triton", "gguf"))]
+    assert "torch==2.13.0" in project["optional-dependencies"]["worker"]
+
+
+def test_dockerfile_builds_images_that_run_offline():
     text = (DEPLOY / "Dockerfile").read_text()
     assert "ARG PYTHON_IMAGE=python:3.11-slim" in text and "FROM ${PYTHON_IMAGE}" in text
     assert "libibverbs1" in text

@@ -71,7 +71,7 @@ def test_query_names_only_exported_metrics_and_labels(source, expr):
     for node in promql.walk(tree):
         if isinstance(node, promql.Selector):
             assert node.name in SERIES or node.name in STANDARD_SERIES or node.name in RECORDED, \
-                f"{source}: {node.name} is not in crescent/services/common/metrics.py"
+                f"{source}: {node.name} is not in services/common/metrics.py"
             if node.name not in RECORDED:
                 unknown = {label for label, _, _ in node.matchers} - selector_labels(node.name)
                 assert not unknown, f"{source}: {node.name} has no label(s) {unknown}"

@@ -1,6 +1,6 @@
 """Every CRESCENT_* variable the chart and docker-compose set is a real setting of that role, with a valid value.
 
-The settings classes are the ones `crescent serve ROLE` builds (crescent.services.cli.ROLES), so a renamed or
+The settings classes are the ones `crescent serve ROLE` builds (crescent.cli.ROLES), so a renamed or
 removed setting fails here instead of being silently ignored in a deployment (settings ignore unknown env vars).
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from crescent.services import cli
+from crescent import cli
 from tests.unit.deploy.scripts import REPO, load
 
 examples = load("chart_examples")

@@ -118,7 +118,8 @@ def test_reporter_never_blocks_when_conductor_is_down():
 def test_service_reports_to_the_conductor(conductor, tmp_path):
     """The running service registers with its data address and reports the blocks a client stores."""
     from crescent.services.kvstore.client import KvStoreClient
-    from crescent.services.kvstore.server import KvStoreSettings, run_in_thread
+    from crescent.services.kvstore.server import run_in_thread
+    from crescent.services.kvstore.settings import KvStoreSettings
 
     servicer, address = conductor
     handle = run_in_thread(KvStoreSettings(

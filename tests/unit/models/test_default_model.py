@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from crescent.models.gguf import unpermute_rotary
-from crescent.models.prepare import ensure_default_model, resolve_model_path
+from crescent.models.prepare import ensure_default_model, prepare_model
 
 
 def test_answers_capital_of_france_greedily(default_model):
@@ -66,5 +66,5 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 def test_prepare_is_idempotent_and_resolvable(default_model_dir):
     assert ensure_default_model() == default_model_dir
-    assert resolve_model_path("default") == default_model_dir
-    assert resolve_model_path("SmolLM2-135M-Instruct") == default_model_dir
+    assert prepare_model("default") == default_model_dir
+    assert prepare_model("SmolLM2-135M-Instruct") == default_model_dir

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from crescent.models.config import AttentionSpec, with_attention
-from crescent.models.loader import ModelLoadError, load_model, save_model
+from crescent.models.loader import load_model, save_model
+from crescent.models.registry import ModelLoadError
 from tests.unit.models.test_llama import tiny_config, tiny_model
 
 

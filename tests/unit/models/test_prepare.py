@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from crescent.models import prepare
+from crescent.models import prepare, registry
 from crescent.models.cli import model_cli
-from crescent.models.loader import ModelLoadError, load_model
+from crescent.models.loader import load_model
+from crescent.models.registry import ModelLoadError
 from tests.unit.models.paged import PagedDriver
 
 
@@ -35,11 +36,11 @@ def test_cli_reports_errors(tmp_path, capsys):
 
 def test_resolve_model_path_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="neither 'default' nor an existing model folder"):
-        prepare.resolve_model_path(tmp_path / "nope")
+        registry.resolve_model_path(tmp_path / "nope")
     with pytest.raises(ModelLoadError, match="no config.json"):
-        prepare.resolve_model_path(tmp_path)
+        registry.resolve_model_path(tmp_path)
     (tmp_path / "config.json").write_text("{}")
-    assert prepare.resolve_model_path(str(tmp_path)) == tmp_path
+    assert registry.resolve_model_path(str(tmp_path)) == tmp_path
 
 
 def test_ensure_default_model_converts_once_atomically(tmp_path, monkeypatch):
@@ -50,7 +51,7 @@ def test_ensure_default_model_converts_once_atomically(tmp_path, monkeypatch):
         (out_dir / "config.json").write_text(json.dumps({"n": len(calls)}))
 
     monkeypatch.setattr(prepare, "convert_gguf", fake_convert)
-    stale = tmp_path / prepare.DEFAULT_MODEL_NAME
+    stale = tmp_path / registry.DEFAULT_MODEL_NAME
     stale.mkdir()
     (stale / "half-written.safetensors").write_text("x")  # an interrupted conversion: no completion marker
     first = prepare.ensure_default_model(tmp_path)
@@ -58,4 +59,4 @@ def test_ensure_default_model_converts_once_atomically(tmp_path, monkeypatch):
     assert first == again == stale and len(calls) == 1
     assert not (stale / "half-written.safetensors").exists()
     assert calls[0] != stale  # converted into a temp folder, then renamed
-    assert [p.name for p in tmp_path.iterdir()] == [prepare.DEFAULT_MODEL_NAME]  # no temp leftovers
+    assert [p.name for p in tmp_path.iterdir()] == [registry.DEFAULT_MODEL_NAME]  # no temp leftovers

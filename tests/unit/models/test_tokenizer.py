@@ -8,7 +8,7 @@ import pytest
 from tokenizers import AddedToken, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from crescent.services.common.tokenizer import ChatTemplateError, Tokenizer
+from crescent.models.tokenizer import ChatTemplateError, Tokenizer
 
 TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools here') }}{% endif %}"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from crescent.models.published import latest_version, validate_checkpoint
 from crescent.training.cli import train_cli
-from crescent.training.publish import latest_version, validate_checkpoint
 from tests.unit.training.test_pretrain import TINY
 
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from crescent.models.loader import load_model
+from crescent.models.published import CheckpointError, latest_version, validate_checkpoint
 from crescent.training import publish
 from crescent.training.pretrain import build_model, model_config
-from crescent.training.publish import CheckpointError, latest_version, publish_checkpoint, validate_checkpoint
+from crescent.training.publish import publish_checkpoint
 from crescent.training.settings import ModelShapeSettings
 from crescent.training.tokenizer import IM_END, special_id, train_tokenizer
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from crescent.engine.llm_engine import LLMEngine
+from crescent.engine.settings import EngineSettings
 from crescent.models.config import ModelConfig
 from crescent.models.llama import LlamaForCausalLM
-from crescent.services.worker.engine import LLMEngine
-from crescent.services.worker.settings import EngineSettings
 
 VOCAB = 257  # 256 bytes + EOS, so tests/unit/worker/byte_tokenizer.py decodes its outputs
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from crescent.services.worker.async_engine import AsyncEngine, EngineError
-from crescent.services.worker.sampling_params import SamplingParams
+from crescent.engine.async_engine import AsyncEngine, EngineError
+from crescent.engine.sampling_params import SamplingParams
 from tests.unit.worker.helpers import make_engine, prompts, tiny_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from crescent.services.worker.engine import LLMEngine
-from crescent.services.worker.sampling_params import SamplingParams
-from crescent.services.worker.settings import EngineSettings
+from crescent.engine.llm_engine import LLMEngine
+from crescent.engine.sampling_params import SamplingParams
+from crescent.engine.settings import EngineSettings
 
 
 def test_capital_of_france_is_paris():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crescent.services.common.hashing import prefix_block_hashes
-from crescent.services.worker.sampling_params import SamplingParams
+from crescent.engine.sampling_params import SamplingParams
+from crescent.hashing import prefix_block_hashes
 from tests.unit.worker.helpers import greedy_reference, make_engine, prompts, tiny_model
 
 BS = 4

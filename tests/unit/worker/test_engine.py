@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from crescent.services.worker.sampling_params import SamplingParams
+from crescent.engine.sampling_params import SamplingParams
 from tests.unit.worker.byte_tokenizer import ByteTokenizer
 from tests.unit.worker.helpers import greedy_reference, make_engine, prompts, tiny_model
 
@@ -131,16 +131,12 @@ def test_text_stop_strings_and_utf8_through_forced_outputs(model):
     assert outs[-1].text == "".join(o.new_text for o in outs) and outs[-1].completion_tokens == len(forced) + 3
 
 
-def test_step_metrics_under_a_role(model):
-    from crescent.services.common import metrics
-
+def test_step_observer_sees_every_forward(model):
     engine = make_engine(model)
-    engine.metrics_role = "test-role"
-    before = metrics.WORKER_GENERATION_TOKENS.labels("test-role")._value.get()
-    prompt_before = metrics.WORKER_PROMPT_TOKENS.labels("test-role")._value.get()
+    steps = []
+    engine.step_observer = lambda kind, seconds, prompt, sampled: steps.append((kind, prompt, sampled))
     engine.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    assert metrics.WORKER_GENERATION_TOKENS.labels("test-role")._value.get() - before == 4
-    assert metrics.WORKER_PROMPT_TOKENS.labels("test-role")._value.get() - prompt_before == 5
+    assert sum(s[1] for s in steps) == 5 and sum(s[2] for s in steps) == 4
 
 
 def test_aborts_while_waiting_and_mid_prefill_free_everything(model, batch8):

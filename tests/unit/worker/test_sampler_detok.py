@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crescent.services.worker.detokenizer import IncrementalDetokenizer
-from crescent.services.worker.sampler import SampleRequest, sample
-from crescent.services.worker.sampling_params import SamplingParams
+from crescent.engine.detokenizer import IncrementalDetokenizer
+from crescent.engine.sampler import SampleRequest, sample
+from crescent.engine.sampling_params import SamplingParams
 from tests.unit.worker.byte_tokenizer import EOS, ByteTokenizer
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from crescent.services.common.hashing import prefix_block_hashes
-from crescent.services.worker.block_manager import BlockManager
-from crescent.services.worker.sampling_params import SamplingParams
-from crescent.services.worker.scheduler import Scheduler, SchedulerConfig
-from crescent.services.worker.sequence import Sequence, SequenceStatus
+from crescent.engine.block_manager import BlockManager
+from crescent.engine.sampling_params import SamplingParams
+from crescent.engine.scheduler import Scheduler, SchedulerConfig
+from crescent.engine.sequence import Sequence, SequenceStatus
+from crescent.hashing import prefix_block_hashes
 
 BS = 4
 

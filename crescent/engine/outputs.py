@@ -1,0 +1,49 @@
+"""What the engine reports: per-request deltas after each step, and engine-wide load for the conductor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from crescent.engine.sampler import Logprob
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_text: str = ""
+    new_logprobs: list[Logprob] | None = None
+    """Per new token (token id, logprob, top-N [(id, logprob)]) when logprobs were asked for. Forced outputs
+    (generated elsewhere) carry logprob NaN and no top-N: the worker that sampled them reported those."""
+    finished: bool = False
+    finish_reason: str | None = None
+    """"stop", "length", "abort" (cancelled, or failed: see ``error``) or None while running."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache (local or imported)."""
+    token_ids: list[int] = field(default_factory=list)
+    """All output token ids so far."""
+    text: str = ""
+    """All output text so far (without any held-back tail)."""
+    error: str | None = None
+    """Why the request failed, when a step raised."""
+
+
+@dataclass
+class EngineStats:
+    waiting: int
+    running: int
+    free_blocks: int
+    total_blocks: int
+    queued_prefill_tokens: int
+    """Tokens still to prefill: waiting prompts plus the unprefilled part of running ones."""
+    running_context_tokens: int
+    """Tokens of context across running sequences (what decode attention reads per step)."""
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    preemptions: int
+
+    @property
+    def kv_usage(self) -> float:
+        return 1.0 - self.free_blocks / self.total_blocks if self.total_blocks else 0.0

@@ -1,0 +1,46 @@
+"""The engine's settings (shared by the prefill and decode services, which subclass or embed them)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from crescent.settings import CrescentSettings
+
+
+class EngineSettings(CrescentSettings):
+    model: str = Field("default", description="Model to serve: 'default' (the prepared SmolLM2-135M-Instruct), "
+                                              "a local HF-format folder, or a published model directory "
+                                              "(<model_dir>/<name>/ holding v* versions: hot-reloaded).")
+    served_model_name: str = Field("", description="Name the model is served and hashed under; empty means the "
+                                                   "model folder's name.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights and KV cache dtype; auto = float32 on CPU, bfloat16 on CUDA.")
+    kv_block_size: int = Field(16, ge=1, description="Tokens per paged KV block (also the prefix-hash block).")
+    num_kv_blocks: int = Field(0, ge=0, description="Paged KV blocks; 0 = as many as kv_cache_memory_bytes holds.")
+    kv_cache_memory_bytes: int = Field(512 * 2**20, ge=1, description="KV cache size when num_kv_blocks is 0.")
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences in one batch.")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one forward pass; longer prompts "
+                                                                "are prefilled in chunks.")
+    max_model_len: int = Field(0, ge=0, description="Longest prompt + output; 0 = the model's "
+                                                    "max_position_embeddings (capped by the KV cache).")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV of identical prompt prefixes (full blocks).")
+    torch_threads: int = Field(0, ge=0, description="torch.set_num_threads value; 0 leaves torch's default "
+                                                    "(set it when several workers share few cores).")
+    attention_backend: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="Attention implementation passed to the model (auto = triton on CUDA, torch on CPU).")
+    model_watch_interval_s: float = Field(5.0, ge=0, description="When model is a published model directory: how "
+                                                                 "often to look for a newer version (0 = never).")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)

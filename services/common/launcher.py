@@ -1,0 +1,223 @@
+"""Start, health-check and stop a group of crescent service processes (``crescent up`` and the tests).
+
+Each child gets its own session (process group), so a terminal's Ctrl-C reaches only the parent, which then stops
+the children in reverse start order: SIGTERM, a grace period, then SIGKILL of the child's whole group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+HealthCheck = Callable[[], bool]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS picks; a race with other processes is possible but rare)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def http_ok(url: str, timeout_s: float = 1.0) -> HealthCheck:
+    def check() -> bool:
+        try:
+            return httpx.get(url, timeout=timeout_s, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+    return check
+
+
+def grpc_serving(address: str, timeout_s: float = 1.0) -> HealthCheck:
+    def check() -> bool:
+        with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            except grpc.RpcError:
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+    return check
+
+
+def serve_argv(role: str, flags: dict[str, object]) -> list[str]:
+    """``python -m crescent.cli serve ROLE --flag value ...`` (works without the console script)."""
+    argv = [sys.executable, "-m", "crescent.cli", "serve", role]
+    for name, value in flags.items():
+        if isinstance(value, bool):
+            argv.append(("--" if value else "--no-") + name.replace("_", "-"))
+        else:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    health: HealthCheck | None
+    log_file: IO | None
+
+
+class ServiceGroup:
+    """Processes started together and stopped together."""
+
+    def __init__(self, log_dir: Path | None = None, env: dict[str, str] | None = None):
+        self.log_dir = log_dir
+        self.env = env
+        self.children: list[Child] = []
+
+    def start(self, name: str, argv: list[str], health: HealthCheck | None = None) -> Child:
+        log_file = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            log_file = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, **(self.env or {})}
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT if log_file else None, env=env,
+                                start_new_session=True)
+        child = Child(name, proc, health, log_file)
+        self.children.append(child)
+        log.info("started %s (pid %d)", name, proc.pid)
+        return child
+
+    def dead(self) -> list[str]:
+        return [f"{c.name} (exit {c.proc.returncode})" for c in self.children if c.proc.poll() is not None]
+
+    def wait_healthy(self, timeout_s: float, names: list[str] | None = None, poll_s: float = 0.2) -> None:
+        """Block until every (named) child's health check passes; raise if one exits or time runs out."""
+        pending = [c for c in self.children if c.health and (names is None or c.name in names)]
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if dead := self.dead():
+                raise RuntimeError("service exited during startup: " + ", ".join(dead) + self._log_hint())
+            pending = [c for c in pending if not c.health()]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not healthy after {timeout_s:.0f}s: "
+                                   + ", ".join(c.name for c in pending) + self._log_hint())
+            time.sleep(poll_s)
+
+    def _log_hint(self) -> str:
+        return f" (logs in {self.log_dir})" if self.log_dir else ""
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one child's process group at once (tests: a worker crash)."""
+        for child in self.children:
+            if child.name == name and child.proc.poll() is None:
+                os.killpg(child.proc.pid, signal.SIGKILL)
+                child.proc.wait(timeout=10)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop in reverse start order, each before the next (the conductor last, so the others can deregister)."""
+        deadline = time.monotonic() + grace_s
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                _signal_group(child.proc, signal.SIGTERM)
+                try:
+                    child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s ignored SIGTERM; killing it", child.name)
+                    _signal_group(child.proc, signal.SIGKILL)
+                    child.proc.wait(timeout=10)
+            if child.log_file:
+                child.log_file.close()
+                child.log_file = None
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# --- a whole cluster on one machine ---------------------------------------------------------------------------
+DEFAULT_PORTS = {"conductor": (50051, 9051), "kvstore": (50081, 9081), "prefill": (50061, 9061),
+                 "decode": (50071, 9071)}
+KVSTORE_DATA_PORT = 50082
+
+
+@dataclass
+class ProcessPlan:
+    name: str
+    role: str
+    argv: list[str]
+    health: HealthCheck
+    address: str
+    metrics_port: int
+
+
+@dataclass
+class ClusterPlan:
+    processes: list[ProcessPlan]
+    gateway_url: str
+    conductor_address: str
+
+    def metrics_urls(self, role: str) -> list[str]:
+        return [f"http://127.0.0.1:{p.metrics_port}/metrics" for p in self.processes
+                if p.role == role and p.metrics_port]
+
+
+def plan_local_cluster(model: str, served_model_name: str, *, gateway_host: str = "127.0.0.1",
+                       gateway_port: int = 8000, prefill: int = 1, decode: int = 1, free_ports: bool = False,
+                       extra: dict[str, dict[str, object]] | None = None) -> ClusterPlan:
+    """Every process of a one-machine cluster, in start order (``extra``: more flags per role)."""
+    extra = extra or {}
+
+    def ports(role: str, i: int) -> tuple[int, int]:
+        if free_ports:
+            return free_port(), free_port()
+        port, metrics = DEFAULT_PORTS[role]
+        return port + i, metrics + i
+
+    def proc(role: str, name: str, port: int, metrics: int, flags: dict[str, object]) -> ProcessPlan:
+        address = f"127.0.0.1:{port}"
+        argv = serve_argv(role, {"port": port, "metrics_port": metrics, **flags, **extra.get(role, {})})
+        return ProcessPlan(name, role, argv, grpc_serving(address), address, metrics)
+
+    port, metrics = ports("conductor", 0)
+    conductor = f"127.0.0.1:{port}"
+    plan = [proc("conductor", "conductor", port, metrics, {})]
+    port, metrics = ports("kvstore", 0)
+    data_port = free_port() if free_ports else KVSTORE_DATA_PORT
+    plan.append(proc("kvstore", "kvstore", port, metrics, {"data_port": data_port, "conductor_address": conductor}))
+    model_flags = {"model": model, "served_model_name": served_model_name, "conductor_address": conductor}
+    for role, count in (("prefill", prefill), ("decode", decode)):
+        for i in range(count):
+            port, metrics = ports(role, i)
+            plan.append(proc(role, f"{role}-{i}", port, metrics, model_flags))
+    probe_host = "127.0.0.1" if gateway_host in ("0.0.0.0", "::") else gateway_host
+    url = f"http://{probe_host}:{gateway_port}"
+    gateway_argv = serve_argv("gateway", {"host": gateway_host, "port": gateway_port, **model_flags,
+                                          **extra.get("gateway", {})})
+    plan.append(ProcessPlan("gateway", "gateway", gateway_argv, http_ok(url + "/health"), url, gateway_port))
+    return ClusterPlan(plan, url, conductor)
+
+
+def start_cluster(plan: ClusterPlan, log_dir: Path | None, env: dict[str, str] | None = None,
+                  timeout_s: float = 300.0) -> ServiceGroup:
+    """Start every planned process and wait until all are healthy (stopping them all if that fails)."""
+    group = ServiceGroup(log_dir, env)
+    try:
+        for p in plan.processes:
+            group.start(p.name, p.argv, p.health)
+        group.wait_healthy(timeout_s)
+    except BaseException:
+        group.stop()
+        raise
+    return group

@@ -1,0 +1,176 @@
+"""Placement policies: pure functions of (cluster view, request) -> Placement, or Rejection when nothing can serve.
+
+The same functions run in the live conductor and in the simulator (bench/serving/sim.py). Early rejection by SLO
+is separate (rejection.py) so every policy can be combined with every rejection mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from crescent.services.conductor.cluster import InstanceState, Placement, Rejection, Request, Tier
+from crescent.services.conductor.view import ClusterView
+
+Policy = Callable[[ClusterView, Request], Placement | Rejection]
+
+
+@dataclass
+class PrefillEstimate:
+    """One prefill instance's predicted TTFT for a request, and where its reused prefix would come from."""
+
+    instance: InstanceState
+    ttft_s: float
+    cached_blocks: int
+    source: str = ""
+    tier: Tier | None = None
+    remote: bool = False  # prefix fetched from another prefill instance (replicates it there)
+
+
+def _usable_blocks(req: Request, n: int) -> int:
+    # At least one prompt token must be computed: its logits give the first output token.
+    return max(0, min(n, len(req.block_hashes), (req.prompt_tokens - 1) // req.block_size))
+
+
+def _option(view: ClusterView, inst: InstanceState, req: Request, blocks: int, transfer_s: float) -> float:
+    cached = blocks * req.block_size
+    return transfer_s + view.cost.prefill_time(req.prompt_tokens - cached, cached)
+
+
+def estimate_prefill(view: ClusterView, inst: InstanceState, req: Request, remote_best: tuple[str, int] | None,
+                     ) -> PrefillEstimate:
+    """TTFT on ``inst`` = queue time + time to bring the reusable prefix + prefill of the rest (Algorithm 1).
+
+    Candidates for the prefix: the instance's own cache (free), each store's copy (read at its tiers'
+    bandwidths), and, when ``remote_best`` (another prefill instance's much longer prefix) is given, that one over
+    the network. Recomputing is always a candidate, so a slow tier never makes a prefix worth loading.
+    """
+    cost, hashes = view.cost, req.block_hashes
+    queue = cost.queue_time(inst.queued_requests, inst.queued_prefill_tokens)
+    own = _usable_blocks(req, len(view.index.prefix_tiers(inst.instance_id, hashes)))
+    best = PrefillEstimate(inst, queue + _option(view, inst, req, own, 0.0), own,
+                           inst.instance_id if own else "", Tier.DEVICE if own else None)
+    for store in view.kvstore:
+        tiers = view.index.prefix_tiers(store.instance_id, hashes)
+        n = _usable_blocks(req, len(tiers))
+        if n <= own:
+            continue
+        t = queue + _option(view, inst, req, n, cost.tiers_transfer_time(tiers[own:n], req.block_size))
+        if t < best.ttft_s:
+            best = PrefillEstimate(inst, t, n, store.instance_id, max(tiers[own:n]))
+    if remote_best is not None:
+        holder, n = remote_best
+        n = _usable_blocks(req, n)
+        if holder != inst.instance_id and n > own:
+            moved = cost.transfer_time((n - own) * req.block_size, Tier.DEVICE)
+            t = queue + _option(view, inst, req, n, moved)
+            if t < best.ttft_s:
+                best = PrefillEstimate(inst, t, n, holder, Tier.DEVICE, remote=True)
+    return best
+
+
+def _decode_tbt(view: ClusterView, inst: InstanceState, req: Request) -> float:
+    return view.cost.decode_step_time(inst.batch + 1, inst.context_tokens + req.prompt_tokens)
+
+
+def _has_room(inst: InstanceState, req: Request) -> bool:
+    if inst.load.total_kv_blocks <= 0:
+        return True  # the instance did not report capacity
+    need = -(-(req.prompt_tokens + req.max_tokens) // max(inst.info.kv_block_size, 1))
+    return inst.load.free_kv_blocks >= need
+
+
+def pick_decode(view: ClusterView, req: Request) -> tuple[InstanceState, float]:
+    """The decode instance with the lowest predicted TBT among those with KV room (all, if none has room)."""
+    pool = [d for d in view.decode if _has_room(d, req)] or view.decode
+    best = min(pool, key=lambda d: (_decode_tbt(view, d, req), d.batch, d.instance_id))
+    return best, _decode_tbt(view, best, req)
+
+
+def _no_instance(view: ClusterView) -> Rejection | None:
+    if not view.prefill or not view.decode:
+        return Rejection("no_instance", retry_after_s=1.0)
+    return None
+
+
+def _placement(view: ClusterView, est: PrefillEstimate, decode: InstanceState, tbt: float, name: str,
+               remote: int = 0) -> Placement:
+    store = next((s for s in view.kvstore if s.instance_id == est.source), None) or (
+        view.kvstore[0] if view.kvstore else None)
+    return Placement(prefill=est.instance, decode=decode, kvstore=store, cached_blocks=est.cached_blocks,
+                     predicted_ttft_s=est.ttft_s, predicted_tbt_s=tbt, prefix_source=est.source,
+                     prefix_tier=est.tier, replicate_from=est.source if est.remote else "",
+                     replicate_blocks=remote, policy=name)
+
+
+def round_robin(view: ClusterView, req: Request) -> Placement | Rejection:
+    """Cycle through instances, blind to load and cache (the baseline)."""
+    if (r := _no_instance(view)) is not None:
+        return r
+    prefill = view.prefill[view.seq % len(view.prefill)]
+    decode = view.decode[view.seq % len(view.decode)]
+    return _placement(view, estimate_prefill(view, prefill, req, None), decode, _decode_tbt(view, decode, req),
+                      "round_robin")
+
+
+def least_loaded(view: ClusterView, req: Request) -> Placement | Rejection:
+    """Shortest prefill queue (by estimated drain time); decode with the lowest predicted TBT."""
+    if (r := _no_instance(view)) is not None:
+        return r
+    prefill = min(view.prefill, key=lambda p: (view.cost.queue_time(p.queued_requests, p.queued_prefill_tokens),
+                                               p.instance_id))
+    decode, tbt = pick_decode(view, req)
+    return _placement(view, estimate_prefill(view, prefill, req, None), decode, tbt, "least_loaded")
+
+
+def cache_aware(view: ClusterView, req: Request) -> Placement | Rejection:
+    """Longest prefix in an instance's own cache; ties go to the shorter queue."""
+    if (r := _no_instance(view)) is not None:
+        return r
+
+    def key(p: InstanceState) -> tuple[int, float, str]:
+        own = len(view.index.prefix_tiers(p.instance_id, req.block_hashes))
+        return (-own, view.cost.queue_time(p.queued_requests, p.queued_prefill_tokens), p.instance_id)
+
+    prefill = min(view.prefill, key=key)
+    decode, tbt = pick_decode(view, req)
+    return _placement(view, estimate_prefill(view, prefill, req, None), decode, tbt, "cache_aware")
+
+
+def mooncake(view: ClusterView, req: Request) -> Placement | Rejection:
+    """Mooncake's KVCache-centric scheduling (FAST'25, Algorithm 1).
+
+    Every prefill instance gets a TTFT estimate (queue + prefix transfer + prefill of the rest). When another
+    prefill instance holds a prefix more than ``kvcache_balancing_threshold`` times longer than an instance's own,
+    fetching it is weighed against recomputing; if fetching wins, the placement asks to replicate those (hot)
+    blocks onto the chosen instance. The lowest TTFT wins; decode goes where the predicted TBT is lowest.
+    """
+    if (r := _no_instance(view)) is not None:
+        return r
+    owns = {p.instance_id: len(view.index.prefix_tiers(p.instance_id, req.block_hashes)) for p in view.prefill}
+    holder = max(view.prefill, key=lambda p: (owns[p.instance_id], -p.queued_prefill_tokens)).instance_id
+    best_len = owns[holder]
+    estimates = []
+    for p in view.prefill:
+        own = owns[p.instance_id]
+        far = best_len > view.kvcache_balancing_threshold * max(own, 1) or (own == 0 and best_len > 0)
+        estimates.append(estimate_prefill(view, p, req, (holder, best_len) if far else None))
+    est = min(estimates, key=lambda e: (e.ttft_s, e.instance.instance_id))
+    decode, tbt = pick_decode(view, req)
+    remote = est.cached_blocks - owns[est.instance.instance_id] if est.remote else 0
+    return _placement(view, est, decode, tbt, "mooncake", remote)
+
+
+POLICIES: dict[str, Policy] = {
+    "round_robin": round_robin,
+    "least_loaded": least_loaded,
+    "cache_aware": cache_aware,
+    "mooncake": mooncake,
+}
+
+
+def get_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}") from None

@@ -1,0 +1,43 @@
+"""The conductor's typed settings (flags ``--field-name``, env ``CRESCENT_FIELD_NAME``)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from crescent.services.conductor.policies import get_policy
+from crescent.services.conductor.rejection import REJECTION_MODES
+from crescent.settings import CrescentSettings
+
+
+class ConductorSettings(CrescentSettings):
+    """The global scheduler: registry, KV block index, placement policy and early rejection."""
+
+    port: int = Field(50051, description="gRPC port.", ge=0, le=65535)
+    metrics_port: int = Field(9051, description="Prometheus /metrics port; 0 = none.", ge=0, le=65535)
+    policy: str = Field("cache_aware", description="round_robin, least_loaded, cache_aware or mooncake.")
+    rejection: str = Field("load", description="Early rejection: none, load or predicted (queue cap always).")
+    ttft_slo_s: float = Field(10.0, description="Time-to-first-token SLO the rejection modes protect.", gt=0)
+    tbt_slo_s: float = Field(0.2, description="Time-between-tokens SLO the rejection modes protect.", gt=0)
+    max_queue_per_instance: int = Field(64, description="Queued requests per prefill instance before 429.", ge=1)
+    heartbeat_interval_s: float = Field(1.0, description="How often instances are told to heartbeat.", gt=0)
+    heartbeat_timeout_s: float = Field(3.0, description="Instances silent this long are dropped.", gt=0)
+    cost_model_path: str = Field("", description="Cost model JSON (from calibrate); empty = built-in defaults.")
+    request_ttl_s: float = Field(1800.0, description="Forget an admitted request after this long without Finish.",
+                                 gt=0)
+    redis_url: str = Field("", description="redis://host:port/db to share state between replicas; empty = memory.")
+    redis_namespace: str = Field("crescent", description="Key prefix in Redis (one per cluster).")
+    kvcache_balancing_threshold: float = Field(
+        2.0, description="mooncake: fetch another instance's prefix when it is this many times longer.", gt=1)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        get_policy(v)  # raises ValueError naming the choices
+        return v
+
+    @field_validator("rejection")
+    @classmethod
+    def _known_rejection(cls, v: str) -> str:
+        if v not in REJECTION_MODES:
+            raise ValueError(f"unknown rejection mode {v!r}; choose one of {list(REJECTION_MODES)}")
+        return v

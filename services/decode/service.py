@@ -1,0 +1,111 @@
+"""The Generate stream: the first token's chunk at once, then the KV from the store, then the continuous batch.
+
+The first token (sampled by prefill) is sent before any KV moves, so the client's TTFT is prefill's. Decode then
+imports the prompt's stored blocks and adds the request with ``forced_output_ids=[first]``: the prompt tail that
+is not in a full block and the first token are recomputed here. Block hashes are recomputed from the prompt (never
+trusted from the wire), so a bad request cannot plant foreign KV in the prefix cache.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from crescent.engine.async_engine import EngineError
+from crescent.engine.detokenizer import IncrementalDetokenizer
+from crescent.hashing import prefix_block_hashes
+from crescent.proto.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from crescent.services.common import metrics as m
+from crescent.services.worker.service import WorkerRuntime, logprob_to_proto, sampling_from_proto
+
+log = logging.getLogger(__name__)
+
+FINISH = {None: common_pb2.FINISH_REASON_UNSPECIFIED, "stop": common_pb2.FINISH_REASON_STOP,
+          "length": common_pb2.FINISH_REASON_LENGTH, "abort": common_pb2.FINISH_REASON_ABORT}
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, runtime: WorkerRuntime):
+        self.rt = runtime
+
+    async def Generate(self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        outcome = "cancelled"
+        # the whole stream runs on one model version: the one prefill computed the prompt on, while it is loaded
+        async with self.rt.serving(context, request.kv_model_id) as engine:
+            try:
+                async for chunk in self._generate(engine, request):
+                    yield chunk
+                outcome = "ok"
+            except ValueError as exc:
+                outcome = "bad_request"
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except EngineError as exc:
+                outcome = "error"
+                await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            finally:
+                m.WORKER_REQUESTS.labels("decode", outcome).inc()
+
+    async def _generate(self, engine, request: decode_pb2.GenerateRequest):
+        ids = list(request.prompt_token_ids)
+        if not ids:
+            raise ValueError("prompt_token_ids is empty")
+        params = sampling_from_proto(request.sampling).validate()
+        first = request.first_token_id
+        core = engine.engine  # read-only use of immutable attributes: tokenizer, eos ids, config
+        if first >= core.config.vocab_size:
+            raise ValueError(f"first_token_id {first} is outside the vocabulary [0, {core.config.vocab_size})")
+        detok = IncrementalDetokenizer(core.tokenizer, ids, params, core.eos_token_ids)
+        reason = detok.add(first)
+        text = detok.pop_text()
+        chunk = decode_pb2.GenerateChunk(token_ids=[first], text=text, finish_reason=FINISH[reason],
+                                         prompt_tokens=len(ids), completion_tokens=1)
+        if request.HasField("first_logprob") and params.logprobs is not None:
+            chunk.logprobs.append(request.first_logprob)
+        m.WORKER_GENERATION_TOKENS.labels("decode").inc(1)
+        yield chunk
+        if reason is not None:
+            return
+        loaded, import_kv = await self._fetch_kv(engine, request, ids)
+        sent_ids, sent_text = 1, text
+        rid = request.request_id or f"decode-{id(request)}"
+        # import_kv admits the blocks in the same engine turn as the request, so no step can evict them in between.
+        async for out in engine.generate(rid, ids, params, forced_output_ids=[first], import_kv=import_kv):
+            new_ids = out.token_ids[sent_ids:]
+            new_text = out.text[len(sent_text):] if out.text.startswith(sent_text) else ""
+            sent_ids, sent_text = len(out.token_ids), sent_text + new_text
+            if not new_ids and not new_text and not out.finished:
+                continue
+            chunk = decode_pb2.GenerateChunk(token_ids=new_ids, text=new_text, finish_reason=FINISH[out.finish_reason],
+                                             prompt_tokens=len(ids), completion_tokens=out.completion_tokens,
+                                             loaded_tokens=loaded)
+            if out.new_logprobs and new_ids:
+                chunk.logprobs.extend(logprob_to_proto(lp) for lp in out.new_logprobs[-len(new_ids):])
+            m.WORKER_GENERATION_TOKENS.labels("decode").inc(len(new_ids))
+            yield chunk
+
+    async def _fetch_kv(self, engine, request: decode_pb2.GenerateRequest, ids: list[int]):
+        """The prompt's stored blocks this worker lacks: (prompt tokens loaded, (hashes, blocks) or None).
+
+        Any store failure means (0, None): the store is an optimisation and the prompt is recomputed instead.
+        """
+        if not request.kvstore_address:
+            return 0, None
+        model_id = engine.engine.model_id  # the engine's own version namespace, never a newer one's
+        hashes = prefix_block_hashes(ids, self.rt.settings.kv_block_size, model_id)
+        if request.block_hashes and list(request.block_hashes) != hashes[: len(request.block_hashes)]:
+            log.warning("request %s: block hashes differ from the prompt's (model id mismatch?)", request.request_id)
+        try:
+            local = await engine.call(lambda e: e.cached_prefix_blocks(hashes))
+            if local >= len(hashes):
+                return 0, None
+            blocks = await self.rt.kv_transfer(engine).get(request.kvstore_address, request.kvstore_transport,
+                                                           model_id, hashes[local:])
+        except Exception as exc:  # the store is an optimisation: recompute the prompt instead
+            log.warning("kvstore load failed (%s); recomputing the prompt", exc)
+            return 0, None
+        if not blocks:
+            return 0, None
+        loaded = len(blocks) * self.rt.settings.kv_block_size
+        m.WORKER_STORE_HITS.labels("decode").inc(loaded)
+        return loaded, (hashes[local:local + len(blocks)], blocks)

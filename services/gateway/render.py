@@ -1,0 +1,87 @@
+"""OpenAI response and stream-chunk JSON for chat completions and text completions."""
+
+from __future__ import annotations
+
+from crescent.proto.v1 import common_pb2
+from crescent.services.gateway.generation import ChoiceState, Delta
+from crescent.services.gateway.schema import envelope
+from crescent.services.gateway.tokens import PromptEncoder
+
+
+class ChatRenderer:
+    object_full = "chat.completion"
+    object_chunk = "chat.completion.chunk"
+
+    def __init__(self, encoder: PromptEncoder, top_logprobs: int | None):
+        self.encoder = encoder
+        self.top_logprobs = top_logprobs  # None = logprobs off
+
+    def opening(self, n: int) -> list[dict]:
+        """The first chunk of each choice carries the role (as OpenAI's streams do)."""
+        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(n)]
+
+    def chunk_choice(self, delta: Delta) -> dict:
+        body: dict = {"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
+                      "logprobs": self._logprobs(delta.logprobs), "finish_reason": delta.finish_reason}
+        return body
+
+    def full_choice(self, state: ChoiceState) -> dict:
+        return {"index": state.index, "message": {"role": "assistant", "content": state.text},
+                "logprobs": self._logprobs(state.logprobs), "finish_reason": state.finish_reason}
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        text = self.encoder.token_str(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def _logprobs(self, logprobs: list[common_pb2.TokenLogprob]) -> dict | None:
+        if self.top_logprobs is None:
+            return None
+        content = []
+        for lp in logprobs:
+            entry = self._entry(lp.token_id, lp.logprob)
+            entry["top_logprobs"] = [self._entry(t.token_id, t.logprob) for t in lp.top[: self.top_logprobs]]
+            content.append(entry)
+        return {"content": content}
+
+
+class CompletionRenderer:
+    object_full = "text_completion"
+    object_chunk = "text_completion"
+
+    def __init__(self, encoder: PromptEncoder, logprobs: int | None, n_choices: int):
+        self.encoder = encoder
+        self.logprobs = logprobs
+        self._offsets = [0] * n_choices  # text_offset continues across a choice's chunks
+
+    def opening(self, n: int) -> list[dict]:
+        return []
+
+    def chunk_choice(self, delta: Delta) -> dict:
+        return {"index": delta.index, "text": delta.text, "logprobs": self._logprobs(delta.index, delta.logprobs),
+                "finish_reason": delta.finish_reason}
+
+    def full_choice(self, state: ChoiceState) -> dict:
+        return {"index": state.index, "text": state.text, "logprobs": self._logprobs(state.index, state.logprobs),
+                "finish_reason": state.finish_reason}
+
+    def _logprobs(self, index: int, logprobs: list[common_pb2.TokenLogprob]) -> dict | None:
+        if self.logprobs is None:
+            return None
+        tokens, values, tops, offsets = [], [], [], []
+        for lp in logprobs:
+            text = self.encoder.token_str(lp.token_id)
+            tokens.append(text)
+            values.append(lp.logprob)
+            tops.append({self.encoder.token_str(t.token_id): t.logprob for t in lp.top[: self.logprobs]})
+            offsets.append(self._offsets[index])
+            self._offsets[index] += len(text)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chunk(renderer: ChatRenderer | CompletionRenderer, request_id: str, model: str, created: int,
+          choices: list[dict], include_usage: bool) -> dict:
+    body = envelope(renderer.object_chunk, request_id, model, choices, created)
+    if include_usage:
+        body["usage"] = None  # OpenAI sends null usage on every chunk but the last when include_usage is on
+    return body

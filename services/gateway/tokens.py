@@ -1,0 +1,76 @@
+"""Prompt -> token ids (chat template or raw text) and token id -> display string, for the gateway.
+
+The gateway is the only service that sees text on the way in; workers get token ids.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from crescent.models.registry import resolve_model_path
+from crescent.models.tokenizer import Tokenizer
+from crescent.services.gateway.errors import ApiError
+
+
+class TokenizerLike(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str | list[int]: ...
+
+
+class PromptEncoder:
+    """Wraps the model's tokenizer with the checks the API needs (context length, empty prompts)."""
+
+    def __init__(self, tokenizer: TokenizerLike, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self._token_str: dict[int, str] = {}
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        try:
+            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as exc:  # a template raising (e.g. on roles it forbids) is the client's mistake
+            raise ApiError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
+        return list(rendered) if not isinstance(rendered, str) else self.tokenizer.encode(rendered)
+
+    def text_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def token_str(self, token_id: int) -> str:
+        text = self._token_str.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            if len(self._token_str) < 200_000:
+                self._token_str[token_id] = text
+        return text
+
+    def check_length(self, prompt_ids: list[int], max_tokens: int | None) -> int:
+        """Validate lengths and return the completion budget (``max_tokens`` or what the context leaves)."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if n >= self.max_model_len:
+            raise ApiError(413, f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens",
+                           param="messages", code="context_length_exceeded")
+        room = self.max_model_len - n
+        if max_tokens is not None and max_tokens > room:
+            raise ApiError(400, f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
+                           f"of {self.max_model_len} tokens", param="max_tokens", code="context_length_exceeded")
+        return room if max_tokens is None else max_tokens
+
+
+def model_context_len(model_dir: Path) -> int:
+    """The context length from the model's config.json (``max_position_embeddings``)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or config.get("max_seq_len") or 2048)
+
+
+def load_encoder(model: str, max_model_len: int = 0) -> tuple[PromptEncoder, Path]:
+    """The tokenizer of ``model`` (a name the model registry resolves, or a folder), and that folder."""
+    model_dir = Path(resolve_model_path(model))  # never converts: that needs torch (the workers' job)
+    return PromptEncoder(Tokenizer.from_dir(model_dir), max_model_len or model_context_len(model_dir)), model_dir
