@@ -44,6 +44,7 @@ run: model ## start the whole platform locally (every service its own process); 
 test: setup ## lint, then the whole test suite (GPU tests skip without a GPU)
 	$(VENV)/bin/ruff check crescent tests bench deploy
 	$(PY) -m crescent.proto.generate --check
+	$(PY) -m bench.report --check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup ## ruff
