@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import signal
 import socket
 import threading
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import grpc
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from crescent.proto.v1 import common_pb2, conductor_pb2, kvstore_pb2, kvstore_pb2_grpc
 from crescent.services.common.grpc_util import GrpcServer, start_metrics_server
@@ -33,6 +34,7 @@ from crescent.services.kvstore.store import BlockStore
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "crescent.v1.KvStore"
+DEVICE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # as /sys/class/infiniband and ibv_devices list them
 
 
 def default_data_dir() -> str:
@@ -46,6 +48,14 @@ class KvStoreSettings(CrescentSettings):
     data_port: int = Field(50082, description="Bulk data transport port (framed tcp, or mooncake's control).")
     metrics_port: int = Field(9081, description="Prometheus /metrics port; 0 = no metrics endpoint.")
     transport: Literal["tcp", "mooncake"] = Field("tcp", description="Bulk transport: tcp or mooncake.")
+    mooncake_protocol: Literal["tcp", "rdma"] = Field(
+        "tcp", description="transport=mooncake: how the Transfer Engine moves blocks. rdma only on a node with an "
+        "RDMA NIC (the store refuses to start without one); clients use the store's protocol.",
+    )
+    mooncake_device: str = Field(
+        "", description="mooncake_protocol=rdma: the RDMA NICs to use, comma-separated as ibv_devices names them "
+        "(mlx5_0,mlx5_1); empty = every RDMA NIC on the node.",
+    )
     dram_capacity_bytes: int = Field(1 << 30, ge=0, description="DRAM arena size in bytes (preallocated).")
     ssd_capacity_bytes: int = Field(8 << 30, ge=0, description="SSD tier capacity in bytes; 0 = no SSD tier.")
     data_dir: str = Field(
@@ -72,6 +82,19 @@ class KvStoreSettings(CrescentSettings):
         30.0, ge=0, description="On shutdown, how long DRAM-only blocks may take to be written to the SSD "
         "tier (so a restart finds them); 0 = no flush. A flush cut short is logged with its counts.",
     )
+
+    @model_validator(mode="after")
+    def _mooncake_protocol_fits(self) -> KvStoreSettings:
+        if self.transport != "mooncake" and (self.mooncake_protocol != "tcp" or self.mooncake_device):
+            raise ValueError("mooncake_protocol and mooncake_device apply to transport=mooncake; "
+                             "set transport=mooncake or leave them unset")
+        if self.mooncake_device and self.mooncake_protocol != "rdma":
+            raise ValueError("mooncake_device names RDMA NICs, used only with mooncake_protocol=rdma; "
+                             "set mooncake_protocol=rdma or clear mooncake_device")
+        if self.mooncake_device and not all(DEVICE_NAME.match(d) for d in self.mooncake_device.split(",")):
+            raise ValueError(f"mooncake_device must be NIC names separated by commas (mlx5_0,mlx5_1), "
+                             f"got {self.mooncake_device!r}")
+        return self
 
 
 class KvStoreServicer(kvstore_pb2_grpc.KvStoreServicer):
@@ -145,15 +168,16 @@ class KvStoreHandle:
                 fsync=s.ssd_fsync,
                 prefault=s.dram_prefault,
             )
+            mooncake = None
+            if s.transport == "mooncake":  # inside the try: rdma on a node without the NIC fails here
+                from crescent.services.kvstore.mooncake import MooncakeExport
+
+                mooncake = MooncakeExport(self.store, s.advertise_host or s.host, s.mooncake_protocol,
+                                          s.mooncake_device)
         except BaseException:
             self.dir_lock.release()
             self._shutdown_grpc()
             raise
-        mooncake = None
-        if s.transport == "mooncake":
-            from crescent.services.kvstore.mooncake import MooncakeExport
-
-            mooncake = MooncakeExport(self.store, s.advertise_host or s.host)
         self.data = DataServer(self.store, s.host, s.data_port, s.transport, mooncake, s.io_timeout_s).start()
         self.data_address = f"{s.advertise_host or s.host}:{self.data.port}"
         if s.conductor_address:
