@@ -43,6 +43,7 @@ run: model ## start the whole platform locally (every service its own process); 
 
 test: lint ## lint, then the whole test suite (GPU tests skip without a GPU)
 	$(PY) -m crescent.proto.generate --check
+	$(PY) -m bench.report --check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup ## ruff, and import-linter's contracts (layers one way, torch-free front services, no cycles)

@@ -1,1 +1,2 @@
-"""Benchmarks. Each writes JSON (command, commit, config, numbers) + a PNG plot under bench/results/."""
+"""Benchmarks. Each appends its run (command, commit, config, numbers) to a JSON under bench/results/, beside a
+PNG plot; bench.report builds README's Measurements table from those runs."""

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.kernels.moba_prefill import ideal_speedup
-from bench.kernels.timing import finalize_commit, time_ms
-from bench.results_io import write_result
+from bench.kernels.timing import time_ms
+from bench.results_io import new_run_id, write_result
 from crescent.kernels.moba.autograd import moba_attn_varlen_trainable
 
 H, D = 16, 128
@@ -110,19 +110,19 @@ def plot(rows):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768])
-    ap.add_argument("--commit", default=None, help="commit to record (the GPU machine's tree has no .git)")
+    ap.add_argument("--commit", default=None, help="the commit to record, \"<sha>\" or \"<sha>+dirty\" (the GPU machine's tree has no .git)")
     args = ap.parse_args()
     config = {"H": H, "Hkv": H, "D": D, "dtype": "bfloat16", "batch": 1, "seqlens": args.seqlens, "moba": MOBA,
               "timing": "median of CUDA-event timed calls after a warm-up; bwd = fwd+bwd - fwd"}
     check = gradient_check()
     print(check, flush=True)
-    rows = []
+    rows, run_id, total = [], new_run_id(), len(args.seqlens) * len(MOBA)
     for s in args.seqlens:
         for block, topk in MOBA:
             rows.append(run_config(s, block, topk))
             torch.cuda.empty_cache()
-            path = write_result("moba_backward", config, {"gradient_check": check, "rows": rows}, plot(rows))
-            finalize_commit(path, args.commit)
+            write_result("moba_backward", config, {"gradient_check": check, "rows": rows}, plot(rows),
+                         commit=args.commit, run_id=run_id, partial=len(rows) < total)
 
 
 if __name__ == "__main__":

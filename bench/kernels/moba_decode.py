@@ -15,7 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from bench.kernels.timing import finalize_commit, time_ms
+from bench.kernels.timing import time_ms
 from bench.results_io import write_result
 from crescent.kernels.moba.decode_triton import MobaCentroidPool, moba_decode_paged_triton
 
@@ -101,7 +101,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--commit", default=None, help="commit to record (the GPU machine's tree has no .git)")
+    ap.add_argument("--commit", default=None, help="the commit to record, \"<sha>\" or \"<sha>+dirty\" (the GPU machine's tree has no .git)")
     args = ap.parse_args()
     rows = []
     for b in args.batches:
@@ -110,8 +110,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     config = {"H": H, "Hkv": H, "D": D, "dtype": "bfloat16", "page_size": PAGE, "contexts": args.contexts,
               "batches": args.batches, "moba": MOBA, "timing": "median of CUDA-event timed calls after a warm-up; *_graph_us: CUDA-graph replays"}
-    path = write_result("moba_decode", config, {"rows": rows}, plot(rows, args.batches))
-    finalize_commit(path, args.commit)
+    write_result("moba_decode", config, {"rows": rows}, plot(rows, args.batches), commit=args.commit)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from bench.kernels.timing import finalize_commit, time_ms
-from bench.results_io import write_result
+from bench.kernels.timing import time_ms
+from bench.results_io import new_run_id, write_result
 from crescent.kernels.moba.prefill_triton import make_plan, moba_attn_varlen_triton
 from crescent.kernels.moba.routing_triton import block_centroids, route_prefill
 
@@ -140,7 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baselines (no compile)")
-    ap.add_argument("--commit", default=None, help="commit to record (the GPU machine's tree has no .git)")
+    ap.add_argument("--commit", default=None, help="the commit to record, \"<sha>\" or \"<sha>+dirty\" (the GPU machine's tree has no .git)")
     args = ap.parse_args()
     import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
@@ -151,14 +151,14 @@ def main() -> None:
     flex = torch.compile(flex_attention, dynamic=False)
     config = {"H": H, "Hkv": H, "D": D, "dtype": "bfloat16", "batch": 1, "seqlens": args.seqlens,
               "moba": MOBA, "timing": "median of CUDA-event timed calls after a warm-up"}
-    rows = []
+    rows, run_id, total = [], new_run_id(), len(args.seqlens) * len(MOBA)
     for s in args.seqlens:
         for block, topk in MOBA:
             rows.append(run_config(s, block, topk, flex, args.no_flex))
             torch.cuda.empty_cache()
-            # Rewritten after every config, so a run cut short still leaves its numbers.
-            path = write_result("moba_prefill", config, {"rows": rows}, plot(rows))
-            finalize_commit(path, args.commit)
+            # Saved after every config, so a run cut short still leaves its numbers (as a partial run).
+            write_result("moba_prefill", config, {"rows": rows}, plot(rows), commit=args.commit, run_id=run_id,
+                         partial=len(rows) < total)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,3 @@ def time_ms(fn: Callable[[], object], budget_ms: float = 300.0, min_reps: int = 
         times.append(start.elapsed_time(end))
     return statistics.median(times)
 
-
-def finalize_commit(path, commit: str | None) -> None:
-    """The shared writer says "unknown" outside a git checkout (the GPU machine gets a copy of the tree)."""
-    import json
-
-    record = json.loads(path.read_text())
-    if commit or record["commit"] == "unknown":
-        record["commit"] = commit or "uncommitted"
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")

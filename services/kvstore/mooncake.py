@@ -1,8 +1,8 @@
 """The ``mooncake`` transport: control over our framed protocol, block bytes through the Mooncake Transfer
 Engine.
 
-The server registers its DRAM arena with a TransferEngine (P2P handshake, ``tcp`` protocol here; RDMA where
-there is hardware). A get asks the server to pin and checksum the blocks (MC_GET) and gets their arena
+The server registers its DRAM arena with a TransferEngine (P2P handshake; protocol ``tcp``, or ``rdma`` on a node
+with an RDMA NIC, from the store's settings, and clients follow the store's choice). A get asks the server to pin and checksum the blocks (MC_GET) and gets their arena
 addresses back; the client reads them straight out of the arena with one ``batch_transfer_sync_read``, then
 releases the lease (MC_RELEASE). A put reserves slots (MC_PUT), writes them with ``batch_transfer_sync_write``
 and commits (MC_COMMIT), at which point the server checksums and publishes them. A client that disconnects in
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from pathlib import Path
 
 import numpy as np
 
@@ -27,23 +28,44 @@ from crescent.services.kvstore.transport import FetchedBlock, Transfer, Transfer
 
 log = logging.getLogger(__name__)
 LEASE = struct.Struct("<Q")
+RDMA_DEVICES = Path("/sys/class/infiniband")
 
 
-def new_engine(local_hostname: str):
+def rdma_devices(root: Path = RDMA_DEVICES) -> list[str]:
+    """This node's RDMA NICs (what ibv_devices lists)."""
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def check_protocol(protocol: str, device: str, found: list[str]) -> None:
+    """Refuse rdma on a node without the NICs it asks for, with the fix, before the engine fails less clearly."""
+    if protocol != "rdma":
+        return
+    if not found:
+        raise RuntimeError(f"mooncake_protocol=rdma, but this node has no RDMA NIC (nothing in {RDMA_DEVICES}); "
+                           "use mooncake_protocol=tcp here")
+    missing = [d for d in device.split(",") if d and d not in found]
+    if missing:
+        raise RuntimeError(f"mooncake_device {missing} not among this node's RDMA NICs {found}")
+
+
+def new_engine(local_hostname: str, protocol: str = "tcp", device: str = ""):
+    """A Transfer Engine on ``protocol`` ("tcp" or "rdma"); ``device``: RDMA NICs, empty = all of them."""
+    check_protocol(protocol, device, rdma_devices())
     from mooncake.engine import TransferEngine  # optional dependency: crescent[mooncake]
 
     engine = TransferEngine()
-    if engine.initialize(local_hostname, "P2PHANDSHAKE", "tcp", "") != 0:
-        raise RuntimeError(f"Mooncake TransferEngine failed to initialize on {local_hostname}")
+    if engine.initialize(local_hostname, "P2PHANDSHAKE", protocol, device) != 0:
+        raise RuntimeError(f"Mooncake TransferEngine failed to initialize on {local_hostname} over {protocol}")
     return engine
 
 
 class MooncakeExport:
     """The server side: the arena registered with an engine, and the MC_* control ops."""
 
-    def __init__(self, store: BlockStore, host: str):
+    def __init__(self, store: BlockStore, host: str, protocol: str = "tcp", device: str = ""):
         self.store = store
-        self.engine = new_engine(host)
+        self.protocol = protocol
+        self.engine = new_engine(host, protocol, device)
         self.session = f"{host}:{self.engine.get_rpc_port()}"
         store.add_arena_listener(self._register)
 
@@ -53,7 +75,8 @@ class MooncakeExport:
 
     def handlers(self, server) -> dict:
         def info(session, op, count, body, payload_len):
-            reply = json.dumps({"session": self.session, "block_bytes": self.store.block_bytes}).encode()
+            reply = json.dumps({"session": self.session, "block_bytes": self.store.block_bytes,
+                                "protocol": self.protocol}).encode()
             p.send_all(session.sock, [p.pack_header(op, 0, len(reply), 0), reply])
 
         def get(session, op, count, body, payload_len):
@@ -139,15 +162,21 @@ class MooncakeTransport(TransportClient):
     name = "mooncake"
 
     def __init__(self, host: str, port: int, timeout_s: float = 30.0, local_hostname: str = "127.0.0.1",
-                 verify_checksums: bool = False):
+                 verify_checksums: bool = False, device: str = ""):
+        """``device``: this node's RDMA NICs when the store uses rdma (empty = all of them)."""
         super().__init__()
         self.conn = FramedConnection(host, port, timeout_s)
         self.verify_checksums = verify_checksums
-        self.engine = new_engine(local_hostname)
         self._staging = np.empty(0, np.uint8)
         self._registered: dict[tuple[int, int], object] = {}  # (address, length) -> the buffer kept alive
         _, reply = self.conn.request(p.Op.MC_INFO, 0, b"", [], 0)
-        self.session = json.loads(reply)["session"]
+        info = json.loads(reply)
+        self.session = info["session"]
+        try:  # both ends of a transfer speak the store's protocol
+            self.engine = new_engine(local_hostname, info.get("protocol", "tcp"), device)
+        except BaseException:
+            self.conn.drop()
+            raise
 
     def _buffer(self, buf) -> int:
         """The address of ``buf`` (writable, contiguous), registering it with the engine once."""

@@ -102,15 +102,16 @@ class KvStoreHandle:
                 fsync=s.ssd_fsync,
                 prefault=s.dram_prefault,
             )
+            mooncake = None
+            if s.transport == "mooncake":  # inside the try: rdma on a node without the NIC fails here
+                from crescent.services.kvstore.mooncake import MooncakeExport
+
+                mooncake = MooncakeExport(self.store, s.advertise_host or s.host, s.mooncake_protocol,
+                                          s.mooncake_device)
         except BaseException:
             self.dir_lock.release()
             self._shutdown_grpc()
             raise
-        mooncake = None
-        if s.transport == "mooncake":
-            from crescent.services.kvstore.mooncake import MooncakeExport
-
-            mooncake = MooncakeExport(self.store, s.advertise_host or s.host)
         self.data = DataServer(self.store, s.host, s.data_port, s.transport, mooncake, s.io_timeout_s).start()
         self.data_address = f"{s.advertise_host or s.host}:{self.data.port}"
         if s.conductor_address:

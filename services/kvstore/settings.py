@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from crescent.settings import CrescentSettings
+
+DEVICE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # as /sys/class/infiniband and ibv_devices list them
 
 
 def default_data_dir() -> str:
@@ -21,6 +24,14 @@ class KvStoreSettings(CrescentSettings):
     data_port: int = Field(50082, description="Bulk data transport port (framed tcp, or mooncake's control).")
     metrics_port: int = Field(9081, description="Prometheus /metrics port; 0 = no metrics endpoint.")
     transport: Literal["tcp", "mooncake"] = Field("tcp", description="Bulk transport: tcp or mooncake.")
+    mooncake_protocol: Literal["tcp", "rdma"] = Field(
+        "tcp", description="transport=mooncake: how the Transfer Engine moves blocks. rdma only on a node with an "
+        "RDMA NIC (the store refuses to start without one); clients use the store's protocol.",
+    )
+    mooncake_device: str = Field(
+        "", description="mooncake_protocol=rdma: the RDMA NICs to use, comma-separated as ibv_devices names them "
+        "(mlx5_0,mlx5_1); empty = every RDMA NIC on the node.",
+    )
     dram_capacity_bytes: int = Field(1 << 30, ge=0, description="DRAM arena size in bytes (preallocated).")
     ssd_capacity_bytes: int = Field(8 << 30, ge=0, description="SSD tier capacity in bytes; 0 = no SSD tier.")
     data_dir: str = Field(
@@ -47,3 +58,16 @@ class KvStoreSettings(CrescentSettings):
         30.0, ge=0, description="On shutdown, how long DRAM-only blocks may take to be written to the SSD "
         "tier (so a restart finds them); 0 = no flush. A flush cut short is logged with its counts.",
     )
+
+    @model_validator(mode="after")
+    def _mooncake_protocol_fits(self) -> KvStoreSettings:
+        if self.transport != "mooncake" and (self.mooncake_protocol != "tcp" or self.mooncake_device):
+            raise ValueError("mooncake_protocol and mooncake_device apply to transport=mooncake; "
+                             "set transport=mooncake or leave them unset")
+        if self.mooncake_device and self.mooncake_protocol != "rdma":
+            raise ValueError("mooncake_device names RDMA NICs, used only with mooncake_protocol=rdma; "
+                             "set mooncake_protocol=rdma or clear mooncake_device")
+        if self.mooncake_device and not all(DEVICE_NAME.match(d) for d in self.mooncake_device.split(",")):
+            raise ValueError(f"mooncake_device must be NIC names separated by commas (mlx5_0,mlx5_1), "
+                             f"got {self.mooncake_device!r}")
+        return self
