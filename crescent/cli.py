@@ -24,8 +24,8 @@ ROLES: dict[str, tuple[str, str]] = {
     "gateway": ("crescent.services.gateway.settings:GatewaySettings", "crescent.services.gateway.server:serve"),
     "conductor": ("crescent.services.conductor.settings:ConductorSettings", "crescent.services.conductor.server:serve"),
     "kvstore": ("crescent.services.kvstore.settings:KvStoreSettings", "crescent.services.kvstore.server:serve"),
-    "prefill": ("crescent.engine.settings:PrefillSettings", "crescent.services.worker.main:serve"),
-    "decode": ("crescent.engine.settings:DecodeSettings", "crescent.services.worker.main:serve"),
+    "prefill": ("crescent.services.worker.settings:PrefillSettings", "crescent.services.worker.main:serve"),
+    "decode": ("crescent.services.worker.settings:DecodeSettings", "crescent.services.worker.main:serve"),
 }
 
 # Subcommands owned by other packages: name -> "module:function(argv) -> int".

@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib
 from typing import NamedTuple
 
-from crescent.engine.settings import WorkerServiceSettings
 from crescent.proto.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from crescent.services.common.run import run_service
 from crescent.services.worker.service import WorkerRuntime, run_worker
+from crescent.services.worker.settings import WorkerServiceSettings
 
 
 class RoleSpec(NamedTuple):

@@ -21,7 +21,6 @@ import grpc
 
 from crescent.engine.outputs import EngineStats
 from crescent.engine.sampling_params import SamplingParams
-from crescent.engine.settings import WorkerServiceSettings
 from crescent.proto.v1 import common_pb2, conductor_pb2
 from crescent.services.common import metrics as m
 from crescent.services.common.grpc_util import GrpcServer
@@ -29,6 +28,7 @@ from crescent.services.common.model_watch import watcher_for
 from crescent.services.worker.conductor_link import ConductorLink
 from crescent.services.worker.kv_transfer import KvTransfer
 from crescent.services.worker.reload import load_first, retire, watch_model
+from crescent.services.worker.settings import WorkerServiceSettings
 
 log = logging.getLogger(__name__)
 

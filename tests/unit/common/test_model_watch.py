@@ -144,8 +144,8 @@ async def _until_stopped(engine) -> None:
 
 
 def test_runtime_swap_drains_the_old_engine_then_retires_it(tmp_path):
-    from crescent.engine.settings import WorkerServiceSettings
     from crescent.services.worker.service import WorkerRuntime
+    from crescent.services.worker.settings import WorkerServiceSettings
 
     v1, v2 = _versions(tmp_path / "tiny", "v000001", "v000002")
     settings = WorkerServiceSettings(model=str(tmp_path / "tiny"), drain_timeout_s=5.0, reload_grace_s=0.0)
@@ -179,9 +179,9 @@ def test_reload_refuses_a_version_that_validates_but_does_not_load(tmp_path):
     import hashlib
     import json
 
-    from crescent.engine.settings import WorkerServiceSettings
     from crescent.services.worker.reload import load_first, reload_once
     from crescent.services.worker.service import WorkerRuntime
+    from crescent.services.worker.settings import WorkerServiceSettings
     from crescent.training.pretrain import build_model, model_config
     from crescent.training.publish import publish_checkpoint
     from crescent.training.settings import ModelShapeSettings
@@ -245,8 +245,8 @@ def test_reload_out_of_memory_is_retried_not_refused(tmp_path, monkeypatch):
 def test_decode_continues_a_request_on_the_version_prefill_used_while_it_is_loaded(tmp_path):
     """Prefill computed the prompt on v1; decode swapped to v2 before the request arrived: within the reload
     grace the request is served by v1 (its hash namespace and weights), after it by v2 (the prompt recomputed)."""
-    from crescent.engine.settings import WorkerServiceSettings
     from crescent.services.worker.service import WorkerRuntime
+    from crescent.services.worker.settings import WorkerServiceSettings
 
     v1, v2 = _versions(tmp_path / "tiny", "v000001", "v000002")
     settings = WorkerServiceSettings(model=str(tmp_path / "tiny"), drain_timeout_s=5.0, reload_grace_s=0.3)
@@ -275,8 +275,8 @@ def test_decode_continues_a_request_on_the_version_prefill_used_while_it_is_load
 
 def test_prefill_retires_a_replaced_version_without_the_decode_grace(tmp_path):
     """Requests reach prefill unpinned, so its replaced engine goes as soon as it is idle."""
-    from crescent.engine.settings import WorkerServiceSettings
     from crescent.services.worker.service import WorkerRuntime
+    from crescent.services.worker.settings import WorkerServiceSettings
 
     v1, v2 = _versions(tmp_path / "tiny", "v000001", "v000002")
     settings = WorkerServiceSettings(model=str(tmp_path / "tiny"), drain_timeout_s=30.0, reload_grace_s=30.0)
