@@ -1,7 +1,8 @@
 """The ``crescent`` command: up, serve ROLE, model ..., train ..., bench ....
 
 ``crescent up`` runs the whole cluster on one machine as separate OS processes (each a ``crescent serve ROLE``),
-waits for every health check, prints the URL, and stops them all on Ctrl-C/SIGTERM or when any one dies.
+waits for every health check, prints the URL, restarts a service that dies (with backoff; the others keep
+serving), and stops them all on Ctrl-C/SIGTERM.
 Every service setting is a flag of ``crescent serve ROLE`` and an env var ``CRESCENT_<NAME>``.
 """
 
@@ -186,10 +187,10 @@ def up(argv: list[str]) -> int:
         print(f"starting crescent ({name}); logs in {log_dir}", flush=True)
         group.wait_healthy(args.startup_timeout_s)
         print(f"crescent is up: {plan.gateway_url}/v1 (model {name!r}); Ctrl-C stops it", flush=True)
-        while not (dead := group.dead()):
-            time.sleep(0.5)
-        print("a service exited: " + ", ".join(dead) + f"; stopping the rest (logs in {log_dir})", file=sys.stderr)
-        return 1
+        while True:  # a service that dies is started again (with backoff); the others keep serving
+            for line in group.supervise():
+                print(f"crescent up: {line} (logs in {log_dir})", file=sys.stderr, flush=True)
+            time.sleep(0.25)
     except _Stop:
         print("stopping crescent", flush=True)
         return 0

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from crescent.engine.llm_engine import LLMEngine
-from crescent.engine.outputs import RequestOutput
+from crescent.engine.outputs import EngineStats, RequestOutput
 from crescent.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._stats: EngineStats = engine.stats()
 
     def start(self) -> AsyncEngine:
         if self._thread is None:
@@ -76,6 +77,7 @@ class AsyncEngine:
                     command()
                 except Exception:  # a fire-and-forget command (an abort) must not kill the loop
                     log.exception("engine command failed")
+            self._stats = engine.stats()
             if engine.has_unfinished_requests():
                 self._step()
                 if engine.stalled:  # nothing fits until a command (release, abort) frees blocks: don't spin
@@ -98,6 +100,7 @@ class AsyncEngine:
                 out = out or RequestOutput(rid, finished=True, finish_reason="abort")
                 out.error = f"{type(exc).__name__}: {exc}"
                 outputs.append(out)
+        self._stats = self.engine.stats()  # before the outputs: a finished stream is no longer counted
         for out in outputs:
             self._deliver(out)
 
@@ -112,6 +115,11 @@ class AsyncEngine:
             self._streams.pop(out.request_id, None)
 
     # --- asyncio side -------------------------------------------------------------------------------------------
+    def latest_stats(self) -> EngineStats:
+        """The engine's load as of its last step or command, without waiting for the step in progress: heartbeats
+        read this, so a multi-second prefill never makes a busy worker look dead."""
+        return self._stats
+
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run ``fn(engine)`` in the engine thread between two steps and return its result (or raise its error)."""
         if not self.running:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -71,6 +71,15 @@ class Child:
     proc: subprocess.Popen
     health: HealthCheck | None
     log_file: IO | None
+    argv: list[str] = field(default_factory=list)
+    started_at: float = 0.0
+    restarts: int = 0
+    restart_at: float | None = None  # when a dead child is due to start again (None: alive or not yet seen dead)
+
+
+# A dead service starts again after 1 s, then 2, 4, ... up to 30 s while it keeps dying; a run of a minute resets it.
+RESTART_BACKOFF_S = (1.0, 30.0)
+STABLE_AFTER_S = 60.0
 
 
 class ServiceGroup:
@@ -86,13 +95,41 @@ class ServiceGroup:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_file = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, **(self.env or {})}
-        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT if log_file else None, env=env,
-                                start_new_session=True)
-        child = Child(name, proc, health, log_file)
+        child = Child(name, self._spawn(argv, log_file), health, log_file, list(argv), time.monotonic())
         self.children.append(child)
-        log.info("started %s (pid %d)", name, proc.pid)
+        log.info("started %s (pid %d)", name, child.proc.pid)
         return child
+
+    def _spawn(self, argv: list[str], log_file: IO | None) -> subprocess.Popen:
+        env = {**os.environ, **(self.env or {})}
+        return subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT if log_file else None, env=env,
+                                start_new_session=True)
+
+    def supervise(self, now: float | None = None) -> list[str]:
+        """Restart dead children, each after its backoff; never stops the others. Returns what it said."""
+        now = time.monotonic() if now is None else now
+        said = []
+        for child in self.children:
+            if child.proc.poll() is None:
+                if child.restarts and now - child.started_at > STABLE_AFTER_S:
+                    child.restarts = 0
+                continue
+            if child.restart_at is None:
+                first, cap = RESTART_BACKOFF_S
+                delay = min(cap, first * 2 ** child.restarts)
+                child.restart_at = now + delay
+                said.append(f"{child.name} exited ({child.proc.returncode}); restarting in {delay:.0f}s")
+            elif now >= child.restart_at:
+                if child.log_file:
+                    child.log_file.write(f"\n--- crescent up: restart {child.restarts + 1} ---\n".encode())
+                    child.log_file.flush()
+                child.proc = self._spawn(child.argv, child.log_file)
+                child.started_at, child.restart_at = now, None
+                child.restarts += 1
+                said.append(f"{child.name} restarted (pid {child.proc.pid}, restart {child.restarts})")
+        for line in said:
+            log.warning("%s", line)
+        return said
 
     def dead(self) -> list[str]:
         return [f"{c.name} (exit {c.proc.returncode})" for c in self.children if c.proc.poll() is not None]
@@ -173,6 +210,13 @@ class ClusterPlan:
                 if p.role == role and p.metrics_port]
 
 
+def torch_threads_per_worker(workers: int, cores: int | None = None) -> int:
+    """Each worker's share of the cores this process may use (at least one): torch's default, every core in every
+    worker, makes N workers fight over the same cores."""
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, workers))
+
+
 def plan_local_cluster(model: str, served_model_name: str, *, gateway_host: str = "127.0.0.1",
                        gateway_port: int = 8000, prefill: int = 1, decode: int = 1, free_ports: bool = False,
                        extra: dict[str, dict[str, object]] | None = None) -> ClusterPlan:
@@ -197,10 +241,13 @@ def plan_local_cluster(model: str, served_model_name: str, *, gateway_host: str 
     data_port = free_port() if free_ports else KVSTORE_DATA_PORT
     plan.append(proc("kvstore", "kvstore", port, metrics, {"data_port": data_port, "conductor_address": conductor}))
     model_flags = {"model": model, "served_model_name": served_model_name, "conductor_address": conductor}
+    worker_flags = dict(model_flags)
+    if "CRESCENT_TORCH_THREADS" not in os.environ:  # the workers share this machine's cores: no oversubscription
+        worker_flags["torch_threads"] = torch_threads_per_worker(prefill + decode)
     for role, count in (("prefill", prefill), ("decode", decode)):
         for i in range(count):
             port, metrics = ports(role, i)
-            plan.append(proc(role, f"{role}-{i}", port, metrics, model_flags))
+            plan.append(proc(role, f"{role}-{i}", port, metrics, worker_flags))
     probe_host = "127.0.0.1" if gateway_host in ("0.0.0.0", "::") else gateway_host
     url = f"http://{probe_host}:{gateway_port}"
     gateway_argv = serve_argv("gateway", {"host": gateway_host, "port": gateway_port, **model_flags,

@@ -6,6 +6,7 @@ wraps it with the registry and KV index the live service keeps (in memory or in 
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 
@@ -67,6 +68,8 @@ class Conductor:
     slo: Slo = field(default_factory=Slo)
     ledger: Ledger = field(default_factory=Ledger)
     kvcache_balancing_threshold: float = 2.0
+    suspect_after_s: float = math.inf
+    """An instance silent this long is left out of placements (not dropped: its requests go on)."""
 
     def __post_init__(self) -> None:
         get_policy(self.policy)  # fail at start-up, not on the first request
@@ -77,7 +80,7 @@ class Conductor:
 
     def view(self, now: float, model_id: str = "") -> ClusterView:
         def live(role: Role) -> list[InstanceState]:
-            states = self.registry.instances(role)
+            states = [s for s in self.registry.instances(role) if now - s.last_heartbeat <= self.suspect_after_s]
             if model_id and role != Role.KVSTORE:
                 states = [s for s in states if s.info.model_id in ("", model_id)]
             return add_reservations(states, self.ledger)

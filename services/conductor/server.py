@@ -42,7 +42,8 @@ def build_conductor(settings: ConductorSettings) -> Conductor:
               max_queue_per_instance=settings.max_queue_per_instance)
     return Conductor(registry=registry, index=index, cost=cost, policy=settings.policy,  # type: ignore[arg-type]
                      rejection=settings.rejection, slo=slo,
-                     kvcache_balancing_threshold=settings.kvcache_balancing_threshold)
+                     kvcache_balancing_threshold=settings.kvcache_balancing_threshold,
+                     suspect_after_s=settings.suspect_after_s)
 
 
 class ConductorServicer(conductor_pb2_grpc.ConductorServicer):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from crescent.services.conductor.policies import get_policy
 from crescent.services.conductor.rejection import REJECTION_MODES
@@ -20,7 +20,13 @@ class ConductorSettings(CrescentSettings):
     tbt_slo_s: float = Field(0.2, description="Time-between-tokens SLO the rejection modes protect.", gt=0)
     max_queue_per_instance: int = Field(64, description="Queued requests per prefill instance before 429.", ge=1)
     heartbeat_interval_s: float = Field(1.0, description="How often instances are told to heartbeat.", gt=0)
-    heartbeat_timeout_s: float = Field(3.0, description="Instances silent this long are dropped.", gt=0)
+    heartbeat_timeout_s: float = Field(
+        15.0, description="Instances silent this long are dropped (with their KV index entries). Workers beat from "
+        "a snapshot, never waiting for an engine step, so this only has to outlast a stalled process or network.",
+        gt=0)
+    suspect_after_s: float = Field(
+        0.0, description="Instances silent this long get no new work (requests already placed go on) until they "
+        "beat again or are dropped; 0 = 3 heartbeat intervals.", ge=0)
     cost_model_path: str = Field("", description="Cost model JSON (from calibrate); empty = built-in defaults.")
     request_ttl_s: float = Field(1800.0, description="Forget an admitted request after this long without Finish.",
                                  gt=0)
@@ -28,6 +34,15 @@ class ConductorSettings(CrescentSettings):
     redis_namespace: str = Field("crescent", description="Key prefix in Redis (one per cluster).")
     kvcache_balancing_threshold: float = Field(
         2.0, description="mooncake: fetch another instance's prefix when it is this many times longer.", gt=1)
+
+    @model_validator(mode="after")
+    def _suspect_before_drop(self) -> ConductorSettings:
+        if self.suspect_after_s == 0:
+            self.suspect_after_s = 3 * self.heartbeat_interval_s
+        if self.suspect_after_s >= self.heartbeat_timeout_s:
+            raise ValueError(f"suspect_after_s ({self.suspect_after_s}) must be below heartbeat_timeout_s "
+                             f"({self.heartbeat_timeout_s}): raise the timeout or lower suspect_after_s")
+        return self
 
     @field_validator("policy")
     @classmethod

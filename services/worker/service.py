@@ -3,7 +3,7 @@
 Lifecycle: bind the gRPC port at once (health NOT_SERVING), load the model in a thread, start the engine loop,
 register with the conductor, then SERVING. On SIGTERM: NOT_SERVING and deregister (no new work arrives), wait for
 in-flight requests up to ``drain_timeout_s``, stop. A published model directory is watched and hot-reloaded
-(model_reload.py): requests hold the engine they started on (``serving()``), so a swap never changes a running
+(reload.py): requests hold the engine they started on (``serving()``), so a swap never changes a running
 request's weights or block-hash namespace.
 """
 
@@ -159,7 +159,7 @@ class WorkerRuntime:
             self.engine.shutdown()
 
     async def load_snapshot(self) -> common_pb2.Load:
-        stats: EngineStats = await self.engine.call(lambda e: e.stats())
+        stats: EngineStats = self.engine.latest_stats()  # never waits for a step: a busy worker still beats
         role = self.role_name
         m.WORKER_RUNNING.labels(role).set(stats.running)
         m.WORKER_WAITING.labels(role).set(stats.waiting)

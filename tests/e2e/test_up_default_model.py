@@ -16,6 +16,7 @@ from crescent.services.common.launcher import free_port, http_ok
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_S = 240
+_UP: dict[str, int] = {}  # the `crescent up` process of the module's fixture
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ def gateway_url(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "crescent.cli", "up", "--free-ports", "--port", str(port),
                              "--log-dir", str(log_dir), "--startup-timeout-s", str(STARTUP_S)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _UP["pid"] = proc.pid
     url = f"http://127.0.0.1:{port}"
     healthy = http_ok(url + "/health")
     deadline = time.monotonic() + STARTUP_S + 30
@@ -56,3 +58,65 @@ def test_capital_of_france(gateway_url):
         model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=24,
         temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply.choices[0].message.content
+
+
+def _children(parent_pid: int) -> dict[str, int]:
+    """role -> pid of `crescent up`'s service processes (its direct children, `crescent.cli serve ROLE`)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(fields[1]) == parent_pid and b"serve" in cmdline:
+            found[cmdline[cmdline.index(b"serve") + 1].decode()] = int(stat.parent.name)
+    return found
+
+
+def _stream_outcome(client, model: str) -> str:
+    """'done' (finished normally), 'error' (an SSE error event: the API reported it), or 'cut' (the connection
+    dropped with neither: what must never happen)."""
+    try:
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Count from one to forty in words."}],
+            max_tokens=64, temperature=0, stream=True)
+        finished = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+        return "done" if finished else "cut"
+    except openai.APIConnectionError:
+        return "cut"
+    except openai.APIError:
+        return "error"
+
+
+@pytest.mark.parametrize("role", ["decode", "prefill", "kvstore", "conductor"])
+def test_kill_9_of_any_service_under_crescent_up(gateway_url, role):
+    """Streams in flight end cleanly (complete, or an error event) and the cluster serves again after a kill -9:
+    `crescent up` restarts the dead service and never stops the others."""
+    import concurrent.futures as cf
+
+    client = openai.OpenAI(base_url=gateway_url + "/v1", api_key="none", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    pids = _children(_UP["pid"])
+    assert role in pids, pids
+    with cf.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(_stream_outcome, client, model) for _ in range(4)]
+        time.sleep(1.5)  # the streams are placed and decoding
+        os.kill(pids[role], signal.SIGKILL)
+        outcomes = [f.result(timeout=180) for f in futures]
+    assert "cut" not in outcomes, outcomes
+    killed_at = time.monotonic()
+    deadline = killed_at + 90
+    while True:
+        try:
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4, temperature=0,
+                timeout=20)
+            break
+        except openai.APIError as exc:
+            assert time.monotonic() < deadline, f"no request served within 90s of killing {role}: {exc}"
+            time.sleep(0.5)
+    recovered_s = time.monotonic() - killed_at
+    assert reply.choices[0].message.content is not None
+    assert _children(_UP["pid"])[role] != pids[role]  # a new process serves the role
+    print(f"{role}: recovered in {recovered_s:.1f}s; streams {outcomes}")

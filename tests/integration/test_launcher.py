@@ -53,3 +53,21 @@ def test_kill_one_leaves_the_others(tmp_path):
     assert group.dead() == ["a (exit -9)"]
     group.stop(grace_s=5)
     assert group.children[1].proc.returncode == -15
+
+
+def test_supervise_restarts_a_dead_child_with_backoff_and_leaves_the_others(tmp_path):
+    group = ServiceGroup(tmp_path)
+    group.start("a", SLEEPER)
+    other = group.start("b", SLEEPER)
+    group.kill("a")
+    t0 = time.monotonic()
+    said = group.supervise(t0)
+    assert said == ["a exited (-9); restarting in 1s"]
+    assert group.supervise(t0 + 0.5) == []  # still backing off
+    said = group.supervise(t0 + 1.0)
+    assert len(said) == 1 and said[0].startswith("a restarted (pid ")
+    assert group.children[0].proc.poll() is None and other.proc.poll() is None and group.dead() == []
+    group.kill("a")  # dies again at once: the next wait doubles
+    assert group.supervise(t0 + 1.5) == ["a exited (-9); restarting in 2s"]
+    assert (tmp_path / "a.log").read_text().count("restart 1") == 1
+    group.stop(grace_s=5)

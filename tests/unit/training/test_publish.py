@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from crescent.models import published
 from crescent.models.loader import load_model
 from crescent.models.published import CheckpointError, latest_version, validate_checkpoint
-from crescent.training import publish
 from crescent.training.pretrain import build_model, model_config
 from crescent.training.publish import publish_checkpoint
 from crescent.training.settings import ModelShapeSettings
@@ -32,7 +32,7 @@ def test_publish_layout_manifest_and_loader_round_trip(tmp_path: Path, tiny):
     model, config, tok = tiny
     path = publish_checkpoint(model, config, tok, tmp_path, "m", step=200, metrics={"val_loss": 3.5})
     assert path == tmp_path / "m" / "v000200"
-    assert {p.name for p in path.iterdir()} >= set(publish.REQUIRED_FILES)
+    assert {p.name for p in path.iterdir()} >= set(published.REQUIRED_FILES)
     assert [p.name for p in (tmp_path / "m").iterdir()] == ["v000200"]  # no temp folder left behind
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["step"] == 200 and manifest["metrics"] == {"val_loss": 3.5} and manifest["commit"]

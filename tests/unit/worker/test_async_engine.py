@@ -123,3 +123,35 @@ def test_idle_loop_sleeps(aengine):
     time.sleep(0.3)
     assert time.process_time() - t0 < 0.1  # a busy-waiting loop would burn ~0.3 s of CPU here
     assert time.thread_time() - start < 0.05
+
+
+def test_latest_stats_answers_during_a_long_step():
+    """Heartbeats read the last snapshot: a step that takes seconds (a long prefill) never delays them."""
+    engine = make_engine(tiny_model())
+    gate = __import__("threading").Event()
+    forward = engine.runner.run
+
+    def slow_run(batch):
+        gate.wait(10)  # the step blocks until the test has read the stats
+        return forward(batch)
+
+    engine.runner.run = slow_run
+    aengine = AsyncEngine(engine).start()
+    try:
+        async def main():
+            task = asyncio.create_task(collect(aengine, "r0", prompts(1, seed=3)[0]))
+            deadline = time.monotonic() + 5
+            while aengine.latest_stats().waiting + aengine.latest_stats().running == 0:
+                assert time.monotonic() < deadline, "the request never showed in the snapshot"
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            stats = aengine.latest_stats()  # the step is blocked in slow_run now
+            assert time.monotonic() - started < 0.05 and stats.waiting + stats.running == 1
+            gate.set()
+            return await asyncio.wait_for(task, 30)
+
+        outs = asyncio.run(main())
+        assert outs[-1].finished and aengine.latest_stats().running == 0
+    finally:
+        gate.set()
+        aengine.shutdown()
