@@ -107,7 +107,7 @@ def test_reload_refuses_a_version_that_validates_but_does_not_load(tmp_path):
 
 
 def test_reload_out_of_memory_is_retried_not_refused(tmp_path, monkeypatch):
-    from crescent.services.common import model_reload
+    from crescent.services.worker import reload as model_reload
 
     v1, v2 = make_versions(tmp_path, "v000001", "v000002")
     watcher = ModelWatcher(tmp_path, "m", validate=FakeValidate())
