@@ -10,8 +10,8 @@ from crescent.models.attention_context import AttentionContext, SeqSlice
 from crescent.models.config import AttentionSpec
 from crescent.models.llama import LlamaForCausalLM, rope_cos_sin
 from crescent.models.loader import load_model, save_model
+from tests.unit.models.helpers import check_against_dense, random_tokens, tiny_config, tiny_model
 from tests.unit.models.paged import PagedDriver
-from tests.unit.models.test_llama import _tokens, check_against_dense, tiny_config, tiny_model
 
 
 def prepared(config, seed: int = 0) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
@@ -26,7 +26,7 @@ def prepared(config, seed: int = 0) -> tuple[LlamaForCausalLM, LlamaForCausalLM]
 def test_prepared_model_matches_plain_model_and_its_own_dense_forward(variant):
     plain, fast = prepared(tiny_config(**variant))
     assert fast.model.layers[0].self_attn.fused_qkv is not None
-    ids = torch.tensor([_tokens(19, 5), _tokens(19, 6)])
+    ids = torch.tensor([random_tokens(19, 5), random_tokens(19, 6)])
     with torch.inference_mode():
         torch.testing.assert_close(fast.forward_dense(ids), plain.forward_dense(ids), atol=1e-5, rtol=1e-5)
     check_against_dense(fast, block_size=4)
@@ -44,7 +44,7 @@ def test_few_row_decode_steps_match_dense(n_seqs):
     """1-2 rows take the input-major copies; 3 rows the row-major weights: all equal the dense logits."""
     _, fast = prepared(tiny_config())
     driver = PagedDriver(fast, block_size=4)
-    seqs = {f"s{i}": _tokens(12 + 3 * i, seed=10 + i) for i in range(n_seqs)}
+    seqs = {f"s{i}": random_tokens(12 + 3 * i, seed=10 + i) for i in range(n_seqs)}
     driver.step({name: toks[:-2] for name, toks in seqs.items()})
     for back in (2, 1):
         out = driver.step({name: [toks[-back]] for name, toks in seqs.items()})
@@ -63,7 +63,7 @@ def test_state_dict_is_unchanged_and_a_prepared_model_saves_and_reloads(tmp_path
     folder = save_model(fast, tmp_path / "m", tokenizer_dir=default_model_dir)
     loaded, _, _ = load_model(folder)
     assert loaded.model.layers[1].mlp.fused_gate_up is not None  # load_model prepares
-    ids = torch.tensor([_tokens(9, 1)])
+    ids = torch.tensor([random_tokens(9, 1)])
     with torch.inference_mode():
         torch.testing.assert_close(loaded.forward_dense(ids), plain.forward_dense(ids))
 
@@ -73,7 +73,7 @@ def test_in_place_reload_reaches_the_fused_weights_and_the_few_row_copies():
     _, fast = prepared(tiny_config(tie_word_embeddings=True))
     other = tiny_model(tiny_config(tie_word_embeddings=True), seed=7)
     fast.load_state_dict(other.state_dict())
-    ids = torch.tensor([_tokens(11, 2)])
+    ids = torch.tensor([random_tokens(11, 2)])
     ctx = AttentionContext(seqs=[SeqSlice(0, 11, 11, [])])
     with torch.inference_mode():
         torch.testing.assert_close(fast.forward_dense(ids), other.forward_dense(ids))
@@ -87,7 +87,7 @@ def test_moved_or_cast_model_falls_back_then_refuses_again():
     plain, fast = prepared(tiny_config())
     fast.double()
     assert not fast.model.layers[0].self_attn.fused_qkv.intact()
-    ids = torch.tensor([_tokens(10, 3)])
+    ids = torch.tensor([random_tokens(10, 3)])
     with torch.inference_mode():
         expect = plain.double().forward_dense(ids)
         torch.testing.assert_close(fast.forward_dense(ids), expect)
@@ -98,7 +98,7 @@ def test_moved_or_cast_model_falls_back_then_refuses_again():
 
 def test_training_a_prepared_model_still_reaches_every_projection():
     _, fast = prepared(tiny_config())
-    ids = torch.tensor([_tokens(13, 4)])
+    ids = torch.tensor([random_tokens(13, 4)])
     logits = fast.forward_dense(ids)
     torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
     attn = fast.model.layers[0].self_attn
@@ -109,7 +109,7 @@ def test_training_a_prepared_model_still_reaches_every_projection():
 def test_rope_table_grows_past_max_positions_and_rejects_negative_positions():
     cfg = tiny_config(max_position_embeddings=8)
     plain, fast = prepared(cfg)
-    ids = torch.tensor(_tokens(3, 8))
+    ids = torch.tensor(random_tokens(3, 8))
     ctx = AttentionContext(seqs=[SeqSlice(0, 3, 3, [])])
     far = torch.tensor([20, 21, 22])  # positions the table has no rows for yet; uncached, so any start works
     with torch.inference_mode():
@@ -124,7 +124,7 @@ def test_rope_table_grows_past_max_positions_and_rejects_negative_positions():
 def test_decode_with_a_block_table_too_short_is_a_clear_error():
     _, fast = prepared(tiny_config())
     driver = PagedDriver(fast, block_size=4)
-    driver.step({"s": _tokens(6, 1)})
+    driver.step({"s": random_tokens(6, 1)})
     ctx = AttentionContext(seqs=[SeqSlice(0, 1, 7, driver.tables["s"][:1])], slot_mapping=torch.tensor([6]),
                            kv_caches=driver.caches, block_size=4)
     with torch.inference_mode(), pytest.raises(ValueError, match="cannot hold a context of 7"):

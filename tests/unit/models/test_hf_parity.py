@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crescent.models.loader import save_model
-from tests.unit.models.test_llama import VOCAB, tiny_config, tiny_model
+from tests.unit.models.helpers import VOCAB, tiny_config, tiny_model
 
 transformers = pytest.importorskip("transformers")
 

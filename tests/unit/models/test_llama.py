@@ -6,55 +6,9 @@ import pytest
 import torch
 
 from crescent.models.attention_context import AttentionContext, SeqSlice
-from crescent.models.config import AttentionSpec, ModelConfig, with_attention
+from crescent.models.config import AttentionSpec, with_attention
 from crescent.models.llama import LlamaForCausalLM, rope_inv_freq
-from tests.unit.models.paged import PagedDriver
-
-VOCAB = 101
-
-
-def tiny_config(**kw) -> ModelConfig:
-    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False)
-    base.update(kw)
-    return ModelConfig(**base)
-
-
-def tiny_model(config: ModelConfig, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # non-trivial norms and biases, so a wrong wiring cannot hide behind ones and zeros
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.3)
-    return model
-
-
-def _tokens(n: int, seed: int) -> list[int]:
-    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def check_against_dense(model: LlamaForCausalLM, block_size: int, lengths=(11, 5, 23), tol: float = 1e-4) -> None:
-    """Prefill, a mixed chunked-prefill + decode step, then pure decode steps: each equals the dense logits."""
-    driver = PagedDriver(model, block_size=block_size)
-    full = {f"s{i}": _tokens(n + 8, seed=i) for i, n in enumerate(lengths)}
-    device = model.lm_head.weight.device
-    with torch.inference_mode():
-        dense = {name: model.forward_dense(torch.tensor([toks], device=device))[0] for name, toks in full.items()}
-    plan = [  # (sequence -> how many next tokens) per step: prefill, mixed chunk + decode, then pure decode
-        {"s0": lengths[0], "s1": lengths[1]},
-        {"s0": 6, "s2": lengths[2], "s1": 1},
-        {"s0": 1, "s1": 1, "s2": 1},
-        {"s0": 1, "s1": 1, "s2": 1},
-    ]
-    done = {name: 0 for name in full}
-    for step in plan:
-        out = driver.step({name: full[name][done[name] : done[name] + n] for name, n in step.items()})
-        for name, n in step.items():
-            expect = dense[name][done[name] : done[name] + n]
-            assert torch.isfinite(out[name]).all()
-            torch.testing.assert_close(out[name], expect, atol=tol, rtol=tol)
-            done[name] += n
+from tests.unit.models.helpers import VOCAB, check_against_dense, random_tokens, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
@@ -81,7 +35,7 @@ def test_moba_changes_the_output_of_a_full_model():
     full = tiny_model(cfg)
     moba = LlamaForCausalLM(with_attention(cfg, "moba", 4, 1)).eval()
     moba.load_state_dict(full.state_dict())
-    ids = torch.tensor([_tokens(20, 1)])
+    ids = torch.tensor([random_tokens(20, 1)])
     a, b = full.forward_dense(ids), moba.forward_dense(ids)
     torch.testing.assert_close(a[:, :4], b[:, :4])  # the first block is its own block in both
     assert not torch.allclose(a[:, 8:], b[:, 8:], atol=1e-4)
@@ -89,7 +43,7 @@ def test_moba_changes_the_output_of_a_full_model():
 
 def test_uncached_varlen_forward_and_bad_input():
     model = tiny_model(tiny_config())
-    toks = _tokens(7, 3)
+    toks = random_tokens(7, 3)
     ctx = AttentionContext(seqs=[SeqSlice(0, 7, 7, [])])
     hidden = model(torch.tensor(toks), torch.arange(7), ctx)
     torch.testing.assert_close(model.compute_logits(hidden), model.forward_dense(torch.tensor([toks]))[0])
@@ -100,7 +54,7 @@ def test_uncached_varlen_forward_and_bad_input():
 def test_forward_dense_is_differentiable_with_moba():
     cfg = tiny_config(layer_attention=[AttentionSpec("moba", 4, 2), AttentionSpec("moba", 4, 2)])
     model = tiny_model(cfg)
-    ids = torch.tensor([_tokens(17, 2), _tokens(17, 4)])
+    ids = torch.tensor([random_tokens(17, 2), random_tokens(17, 4)])
     loss = torch.nn.functional.cross_entropy(model.forward_dense(ids)[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
     loss.backward()
     grads = [p.grad for p in model.parameters()]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crescent.models.config import AttentionSpec
-from tests.unit.models.test_llama import check_against_dense, tiny_config, tiny_model
+from tests.unit.models.helpers import check_against_dense, tiny_config, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

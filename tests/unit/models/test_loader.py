@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from crescent.models.config import AttentionSpec, with_attention
 from crescent.models.loader import load_model, save_model
 from crescent.models.registry import ModelLoadError
-from tests.unit.models.test_llama import tiny_config, tiny_model
+from tests.unit.models.helpers import tiny_config, tiny_model
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from crescent.models.published import latest_version, validate_checkpoint
 from crescent.training.cli import train_cli
-from tests.unit.training.test_pretrain import TINY
+from tests.unit.training.helpers import TINY
 
 
 def _flags(settings: dict) -> list[str]:

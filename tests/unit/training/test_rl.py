@@ -14,7 +14,7 @@ from crescent.training.rl import run_rl
 from crescent.training.rl_loss import Curriculum, k15_loss, keep_prompt, length_rewards
 from crescent.training.settings import PretrainSettings, RLSettings
 from crescent.training.tasks import exact_match_reward, extract_answer, make_problems
-from tests.unit.training.test_pretrain import TINY
+from tests.unit.training.helpers import TINY
 
 
 def test_k15_loss_hand_computed():

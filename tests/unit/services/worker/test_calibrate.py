@@ -5,7 +5,7 @@ from __future__ import annotations
 from crescent.engine.model_runner import kv_block_bytes
 from crescent.services.conductor.calibrate import calibrate
 from crescent.services.worker.calibrate import EngineProfile
-from tests.unit.worker.helpers import make_engine, tiny_model
+from tests.unit.engine.helpers import make_engine, tiny_model
 
 
 def test_calibrate_times_the_real_engine(tmp_path):

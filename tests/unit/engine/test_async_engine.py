@@ -9,7 +9,7 @@ import pytest
 
 from crescent.engine.async_engine import AsyncEngine, EngineError
 from crescent.engine.sampling_params import SamplingParams
-from tests.unit.worker.helpers import make_engine, prompts, tiny_model
+from tests.unit.engine.helpers import make_engine, prompts, tiny_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 

@@ -8,7 +8,7 @@ import torch
 from crescent.engine.detokenizer import IncrementalDetokenizer
 from crescent.engine.sampler import SampleRequest, sample
 from crescent.engine.sampling_params import SamplingParams
-from tests.unit.worker.byte_tokenizer import EOS, ByteTokenizer
+from tests.unit.engine.byte_tokenizer import EOS, ByteTokenizer
 
 
 def test_greedy_and_logprobs_top_n():

@@ -1,6 +1,8 @@
-"""Hand-built cluster views for policy and rejection tests."""
+"""Hand-built cluster views for policy and rejection tests; a synthetic engine for calibration tests."""
 
 from __future__ import annotations
+
+import random
 
 from crescent.services.conductor.cluster import InstanceInfo, InstanceState, Load, Request, Role, Tier
 from crescent.services.conductor.cost_model import CostModel
@@ -32,3 +34,26 @@ def view(prefill: list[InstanceState], decode: list[InstanceState], kvstore: lis
 
 def cache(index: KvIndex, iid: str, blocks: int, tier: Tier = Tier.DEVICE) -> None:
     index.apply(iid, KvEventKind.STORED, list(range(1000, 1000 + blocks)), tier)
+
+
+TRUE_PREFILL = (0.01, 2e-4, 3e-8)
+TRUE_DECODE = (0.02, 5e-4, 2e-7)
+
+
+class SyntheticEngine:
+    """Timings from known coefficients plus 1% noise: the fit must recover them."""
+
+    kv_bytes_per_token = 4096
+
+    def __init__(self) -> None:
+        self.rng = random.Random(0)
+        self.truth = CostModel(prefill_s=TRUE_PREFILL, decode_step_s=TRUE_DECODE)
+
+    def _noise(self) -> float:
+        return 1 + self.rng.uniform(-0.01, 0.01)
+
+    def time_prefill(self, new_tokens: int, cached_tokens: int) -> float:
+        return self.truth.prefill_time(new_tokens, cached_tokens) * self._noise()
+
+    def time_decode_step(self, batch: int, context_per_seq: int) -> float:
+        return self.truth.decode_step_time(batch, batch * context_per_seq) * self._noise()

@@ -8,7 +8,7 @@ import torch
 
 from crescent.engine.sampling_params import SamplingParams
 from crescent.hashing import prefix_block_hashes
-from tests.unit.worker.helpers import greedy_reference, make_engine, prompts, tiny_model
+from tests.unit.engine.helpers import greedy_reference, make_engine, prompts, tiny_model
 
 BS = 4
 

@@ -13,7 +13,7 @@ from bench.serving.sim_vs_live import corrected, overheads, scale_trace
 from bench.serving.trace import TraceRequest
 from crescent.services.conductor.calibrate import calibrate_with_samples, fit_problems
 from crescent.services.conductor.cost_model import CostModel
-from tests.unit.conductor.test_cost_model import SyntheticEngine
+from tests.unit.services.conductor.helpers import SyntheticEngine
 
 COST = CostModel(prefill_s=(0.01, 1e-4, 0.0), decode_step_s=(0.02, 1e-3, 0.0), kv_bytes_per_token=4096)
 MEASURED = Path(__file__).resolve().parents[3] / "bench" / "serving" / "cost_models" / "tiny_l4_h256_cpu.json"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from crescent.engine.sampling_params import SamplingParams
-from tests.unit.worker.byte_tokenizer import ByteTokenizer
-from tests.unit.worker.helpers import greedy_reference, make_engine, prompts, tiny_model
+from tests.unit.engine.byte_tokenizer import ByteTokenizer
+from tests.unit.engine.helpers import greedy_reference, make_engine, prompts, tiny_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 

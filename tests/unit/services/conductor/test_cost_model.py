@@ -1,34 +1,11 @@
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from crescent.services.conductor.calibrate import calibrate
 from crescent.services.conductor.cluster import Tier
 from crescent.services.conductor.cost_model import CostModel, fit_decode, fit_prefill
-
-TRUE_PREFILL = (0.01, 2e-4, 3e-8)
-TRUE_DECODE = (0.02, 5e-4, 2e-7)
-
-
-class SyntheticEngine:
-    """Timings from known coefficients plus 1% noise: the fit must recover them."""
-
-    kv_bytes_per_token = 4096
-
-    def __init__(self) -> None:
-        self.rng = random.Random(0)
-        self.truth = CostModel(prefill_s=TRUE_PREFILL, decode_step_s=TRUE_DECODE)
-
-    def _noise(self) -> float:
-        return 1 + self.rng.uniform(-0.01, 0.01)
-
-    def time_prefill(self, new_tokens: int, cached_tokens: int) -> float:
-        return self.truth.prefill_time(new_tokens, cached_tokens) * self._noise()
-
-    def time_decode_step(self, batch: int, context_per_seq: int) -> float:
-        return self.truth.decode_step_time(batch, batch * context_per_seq) * self._noise()
+from tests.unit.services.conductor.helpers import SyntheticEngine
 
 
 def test_calibrate_recovers_the_coefficients_and_round_trips(tmp_path):
