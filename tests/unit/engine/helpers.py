@@ -9,7 +9,7 @@ from crescent.engine.settings import EngineSettings
 from crescent.models.config import ModelConfig
 from crescent.models.llama import LlamaForCausalLM
 
-VOCAB = 257  # 256 bytes + EOS, so tests/unit/worker/byte_tokenizer.py decodes its outputs
+VOCAB = 257  # 256 bytes + EOS, so tests/unit/engine/byte_tokenizer.py decodes its outputs
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
