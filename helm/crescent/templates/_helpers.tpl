@@ -146,3 +146,25 @@ podAntiAffinity:
 {{- $unit := trimPrefix $digits $q }}
 {{- if and $digits (hasKey $units $unit) }}{{ mul (int64 $digits) (get $units $unit) }}{{ else }}-1{{ end }}
 {{- end }}
+
+{{/* Histogram bucket bounds (`le` labels) of crescent_gateway_time_to_first_token_seconds and
+     crescent_gateway_inter_token_latency_seconds: LATENCY_BUCKETS and TOKEN_GAP_BUCKETS of
+     crescent/services/common/metrics.py (a test keeps them equal). */}}
+{{- define "crescent.ttftBuckets" -}}
+["0.005", "0.01", "0.025", "0.05", "0.075", "0.1", "0.15", "0.2", "0.3", "0.5", "0.75", "1.0", "1.5", "2.0", "3.0", "5.0", "7.5", "10.0", "20.0", "40.0", "80.0"]
+{{- end }}
+{{- define "crescent.tbtBuckets" -}}
+["0.001", "0.0025", "0.005", "0.01", "0.02", "0.03", "0.05", "0.075", "0.1", "0.15", "0.2", "0.3", "0.5", "0.75", "1.0", "2.5", "5.0"]
+{{- end }}
+
+{{/* An SLO in seconds as the `le` label of the bucket the alerts count SLO hits in. prometheus_client writes bounds
+     the way Python prints floats ("2.0", not "2"). An SLO between bounds would match no series and the alerts would
+     stay silent forever, so it fails. Args: key, value, metric, bounds (list of le strings). */}}
+{{- define "crescent.sloBucket" -}}
+{{- $le := toString .value }}
+{{- if not (regexMatch "[.eE]" $le) }}{{ $le = printf "%s.0" $le }}{{ end }}
+{{- if not (has $le .bounds) }}
+{{- fail (printf "%s (%v) is not a bucket bound of %s, so the SLO alerts could not count misses: pick one of %s (crescent/services/common/metrics.py), or disable metrics.prometheusRule" .key .value .metric (join ", " .bounds)) }}
+{{- end }}
+{{- $le }}
+{{- end }}
