@@ -62,10 +62,45 @@ app.kubernetes.io/part-of: crescent
 {{/* CRESCENT_MODEL for the gateway and the workers. */}}
 {{- define "crescent.modelPath" -}}
 {{- $m := .Values.model }}
-{{- if eq $m.name "default" }}default
+{{- if eq $m.source "huggingface" }}{{ printf "%s/%s" (trimSuffix "/" $m.mountPath) (include "crescent.hfFolder" .) }}
+{{- else if eq $m.name "default" }}default
 {{- else if eq $m.source "image" }}
 {{- fail "model.name must be \"default\" when model.source is \"image\" (the image holds only the default model); set model.source to pvc or hostPath to serve another folder" }}
 {{- else }}{{ printf "%s/%s" (trimSuffix "/" $m.mountPath) $m.name }}
+{{- end }}
+{{- end }}
+
+{{/* The folder a Hugging Face model downloads into: its id with "/" as "--" (the Hub cache's own spelling). */}}
+{{- define "crescent.hfFolder" -}}
+{{- required "model.huggingface.id is required when model.source is huggingface (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)" .Values.model.huggingface.id | replace "/" "--" }}
+{{- end }}
+
+{{/* The model name clients send: model.servedName, else a Hugging Face model's id, else the services' default. */}}
+{{- define "crescent.servedName" -}}
+{{- if .Values.model.servedName }}{{ .Values.model.servedName }}
+{{- else if eq .Values.model.source "huggingface" }}{{ .Values.model.huggingface.id }}
+{{- end }}
+{{- end }}
+
+{{- define "crescent.internalTokenSecret" -}}
+{{- default (printf "%s-internal-token" (include "crescent.fullname" .)) .Values.internalAuth.existingSecret }}
+{{- end }}
+
+{{/* Env read from Secrets: the internal token (every crescent service) and the gateway's API key. Args: root, role. */}}
+{{- define "crescent.secretEnv" -}}
+{{- if .root.Values.internalAuth.enabled }}
+- name: CRESCENT_INTERNAL_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "crescent.internalTokenSecret" .root }}
+      key: {{ .root.Values.internalAuth.key }}
+{{- end }}
+{{- if and (eq .role "gateway") .root.Values.gateway.apiKey.existingSecret }}
+- name: CRESCENT_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .root.Values.gateway.apiKey.existingSecret }}
+      key: {{ .root.Values.gateway.apiKey.key }}
 {{- end }}
 {{- end }}
 
@@ -88,6 +123,7 @@ app.kubernetes.io/part-of: crescent
 - name: {{ $name }}
   value: {{ include "crescent.scalar" $value | quote }}
 {{- end }}
+{{- include "crescent.secretEnv" . }}
 {{- with .comp.env }}
 {{ toYaml . }}
 {{- end }}
