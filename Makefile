@@ -16,11 +16,12 @@ help: ## list the targets
 
 setup: system venv ## install system packages and the virtualenv (idempotent)
 
-system: ## apt packages: redis-server (conductor HA tests), libibverbs1 (Mooncake), docker-compose (compose check)
+system: ## apt packages: redis-server (conductor HA), libibverbs1 (Mooncake), docker-compose, prometheus (promtool)
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	dpkg -s libibverbs1 >/dev/null 2>&1 || missing="$$missing libibverbs1"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \

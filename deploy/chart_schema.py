@@ -98,6 +98,39 @@ def autoscaler(with_server: bool) -> Schema:
     return obj(props)
 
 
+def secret_ref(description: str, default_key: str) -> Schema:
+    return obj({"existingSecret": string(f"{description} Empty: unused."),
+                "key": string(f"Key in the Secret (default {default_key}).", minLength=1)})
+
+
+def peers(description: str) -> Schema:
+    return {"type": "array", "items": {"type": "object"}, "description": description}
+
+
+def gateway_exposure() -> dict[str, Schema]:
+    path = obj({"path": string("URL path.", pattern="^/"),
+                "pathType": {"enum": ["Prefix", "Exact", "ImplementationSpecific"]}}, required=("path", "pathType"))
+    host = obj({"host": string("Host name."), "paths": {"type": "array", "minItems": 1, "items": path}},
+               required=("host", "paths"))
+    return {
+        "apiKey": secret_ref("Secret holding the API key clients send as Bearer token.", "api-key"),
+        "ingress": obj({"enabled": {"type": "boolean"}, "className": {"type": "string"},
+                        "annotations": STRING_MAP, "hosts": {"type": "array", "items": host},
+                        "tls": {"type": "array", "items": {"type": "object"}}}, "An Ingress for the gateway."),
+        "httpRoute": obj({"enabled": {"type": "boolean"}, "annotations": STRING_MAP,
+                          "parentRefs": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+                          "hostnames": {"type": "array", "items": {"type": "string"}}},
+                         "A Gateway API HTTPRoute for the gateway."),
+        "autoscaling": obj({"enabled": {"type": "boolean"},
+                            "minReplicas": integer("Fewest replicas.", 1),
+                            "maxReplicas": integer("Most replicas.", 1),
+                            "targetCPUUtilizationPercentage": integer("CPU use to scale at (% of the request).", 1),
+                            "targetInFlightPerPod": {"type": "number", "minimum": 0,
+                                                     "description": "Requests in flight per pod to scale at (0: off)."}},
+                           "HorizontalPodAutoscaler for the gateway."),
+    }
+
+
 def component(role: str) -> Schema:
     props: dict[str, Schema] = {
         "replicas": integer("Pods of this role.", 1 if role in ("gateway", "conductor") else 0),
@@ -117,6 +150,7 @@ def component(role: str) -> Schema:
     if role == "gateway":
         props["service"] = obj({"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
                                 "annotations": STRING_MAP})
+        props.update(gateway_exposure())
     if role == "conductor":
         props["redisUrl"] = string("An existing Redis for shared state.", pattern="^(|rediss?://.+)$")
         props["redisUrlSecret"] = obj({"name": string("Secret name (empty: unused)."),
@@ -142,7 +176,8 @@ def component(role: str) -> Schema:
 
 def model() -> Schema:
     return obj({
-        "source": {"enum": ["image", "pvc", "hostPath"], "description": "Where the model folders come from."},
+        "source": {"enum": ["image", "pvc", "hostPath", "huggingface"],
+                   "description": "Where the model folders come from."},
         "name": string("'default' or a folder under mountPath.", pattern=r"^(default|[A-Za-z0-9._-][A-Za-z0-9._/-]*)$"),
         "servedName": {"type": "string"},
         "mountPath": string("Where the model volume is mounted.", pattern="^/"),
@@ -154,6 +189,17 @@ def model() -> Schema:
         "hostPath": obj({"path": string("Node directory (absolute), required for source hostPath.",
                                         pattern="^(|/.*)$"),
                          "type": {"enum": ["Directory", "DirectoryOrCreate"]}}),
+        "huggingface": obj({
+            "id": string("Hub model id (org/name), required for source huggingface.",
+                         pattern=r"^(|[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)$"),
+            "revision": string("Branch, tag or commit.", minLength=1),
+            "endpoint": string("The Hub's URL.", pattern="^https?://"),
+            "tokenSecret": obj({"name": string("Secret with a Hub token (empty: none)."),
+                                "key": string("Key holding the token.", minLength=1)}),
+            "files": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1},
+                      "description": "Glob patterns of the repository files to fetch."},
+            "sizeLimit": QUANTITY,
+        }, "A Hugging Face Hub model, downloaded by an init container into each pod."),
     }, "The model the gateway and the workers serve.")
 
 
@@ -168,6 +214,15 @@ def build() -> Schema:
         "podSecurityContext": {"type": "object"},
         "securityContext": {"type": "object"},
         "logLevel": {"enum": ["debug", "info", "warning", "error"]},
+        "tmp": obj({"sizeLimit": QUANTITY}, "The /tmp emptyDir of every crescent pod."),
+        "internalAuth": obj({"enabled": {"type": "boolean"},
+                             "existingSecret": string("Secret holding the internal token; empty: generated."),
+                             "key": string("Key holding the token.", minLength=1)},
+                            "The shared token of internal gRPC and the kvstore data port."),
+        "networkPolicy": obj({"enabled": {"type": "boolean"},
+                              "gatewayFrom": peers("Peers allowed to reach the gateway (empty: anyone)."),
+                              "metricsFrom": peers("Peers allowed to scrape metrics ports (empty: anyone).")},
+                             "NetworkPolicies: only the gateway is reachable from outside the release."),
         "slo": obj({"ttftSeconds": {"type": "number", "exclusiveMinimum": 0, "description": "TTFT SLO (s)."},
                     "tbtSeconds": {"type": "number", "exclusiveMinimum": 0, "description": "TBT SLO (s)."}},
                    "Service-level objectives.", required=("ttftSeconds", "tbtSeconds")),

@@ -2,7 +2,8 @@
 
     # against a running cluster (every request on the given base URL; bounded by --duration-s and --max-requests):
     .venv/bin/python -m bench.serving.dashboard_load --base-url http://127.0.0.1:8000 --model default
-    # or start a tiny cluster on free ports, record scrapes with render.py collect, drive the load, draw the panels:
+    # or start a tiny cluster on free ports, scrape it with a local Prometheus (render.py record), drive the load,
+    # and draw the panels from Prometheus:
     .venv/bin/python -m bench.serving.dashboard_load --launch --duration-s 240 --out deploy/grafana/dashboard.png
 
 The mix: ``--concurrency`` client loops, each picking (seeded) a streaming chat request behind one of a few long
@@ -121,7 +122,7 @@ async def drive(base_url: str, model: str, *, duration_s: float, concurrency: in
     return tally.summary()
 
 
-# --- --launch: a tiny cluster, scrapes recorded while the load runs, then the PNG --------------------------------
+# --- --launch: a tiny cluster, a local Prometheus scraping it while the load runs, then the PNG -----------------
 def launch_tiny(logs: Path, queue_cap: int):
     """A tiny-model cluster on free ports (one prefill, one decode) with a small queue cap and a small store."""
     from crescent.models.prepare import make_tiny_model
@@ -143,12 +144,12 @@ def launch_tiny(logs: Path, queue_cap: int):
     return plan, start_cluster(plan, logs, env, timeout_s=300)
 
 
-def collect_argv(plan, out: Path, count: int, interval_s: float) -> list[str]:
+def record_argv(plan, data: Path, duration_s: float, interval_s: float, out: Path) -> list[str]:
     targets = [f"gateway={plan.gateway_url}/metrics"]
     for role in ("conductor", "kvstore", "prefill", "decode"):
         targets += [f"{role}={url}" for url in plan.metrics_urls(role)]
-    argv = [sys.executable, str(REPO / "deploy/grafana/render.py"), "collect", "--out", str(out),
-            "--count", str(count), "--interval", str(interval_s)]
+    argv = [sys.executable, str(REPO / "deploy/grafana/render.py"), "record", "--data", str(data),
+            "--duration-s", str(duration_s), "--interval", str(interval_s), "--out", str(out)]
     for t in targets:
         argv += ["--target", t]
     return argv
@@ -156,23 +157,23 @@ def collect_argv(plan, out: Path, count: int, interval_s: float) -> list[str]:
 
 def launched_run(args: argparse.Namespace) -> dict[str, int]:
     work = Path(tempfile.mkdtemp(prefix="dashboard-load-"))
-    scrapes = args.scrapes or work / "scrapes.jsonl"
+    data = args.prometheus_data or work / "prometheus"
     plan, group = launch_tiny(work / "logs", args.queue_cap)
-    print(f"cluster up at {plan.gateway_url}; logs and scrapes in {work}", flush=True)
-    count = int((args.duration_s + 2 * args.idle_s) / args.scrape_interval_s) + 1
-    collector = subprocess.Popen(collect_argv(plan, scrapes, count, args.scrape_interval_s))
+    print(f"cluster up at {plan.gateway_url}; logs and Prometheus data in {work}", flush=True)
+    duration = args.duration_s + 2 * args.idle_s
+    recorder = subprocess.Popen(record_argv(plan, data, duration, args.scrape_interval_s, args.out))
     try:
-        time.sleep(args.idle_s)  # a quiet lead-in and tail, so the panels show the load start and stop
+        time.sleep(args.idle_s + 10)  # Prometheus' first scrapes (it applies targets every 5 s), then a quiet lead-in
         summary = asyncio.run(drive(plan.gateway_url, "crescent-tiny", duration_s=args.duration_s,
                                     concurrency=args.concurrency, max_requests=args.max_requests,
                                     burst_every_s=args.burst_every_s, burst_size=args.burst_size, seed=args.seed))
-        collector.wait(timeout=count * args.scrape_interval_s + 60)
+        recorder.wait(timeout=duration + 180)  # the rest of the quiet tail, then the plot
     finally:
-        if collector.poll() is None:
-            collector.kill()
+        if recorder.poll() is None:
+            recorder.kill()
         group.stop()
-    subprocess.run([sys.executable, str(REPO / "deploy/grafana/render.py"), "plot", str(scrapes),
-                    "--out", str(args.out)], check=True)
+    if recorder.returncode != 0:
+        raise SystemExit(f"render.py record failed ({recorder.returncode}); Prometheus log in {data}")
     return summary
 
 
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue-cap", type=int, default=4, help="--launch: conductor max_queue_per_instance")
     p.add_argument("--scrape-interval-s", type=float, default=5.0, help="--launch")
     p.add_argument("--idle-s", type=float, default=20.0, help="--launch: quiet time before and after the load")
-    p.add_argument("--scrapes", type=Path, default=None, help="--launch: scrape file (default: a temp folder)")
+    p.add_argument("--prometheus-data", type=Path, default=None,
+                   help="--launch: Prometheus' folder, kept to redraw with render.py plot --data (default: a temp one)")
     p.add_argument("--out", type=Path, default=REPO / "deploy/grafana/dashboard.png", help="--launch: the PNG")
     args = p.parse_args(argv)
     if args.launch:

@@ -2,9 +2,8 @@
 
 Regenerate: ``.venv/bin/python deploy/grafana/dashboard.py``.
 
-Panels are declared as data so the PNG renderer (render.py) draws the same queries Grafana runs. Queries use only
-the PromQL subset render.py evaluates: selectors, rate/increase, sum/max/min/avg by, histogram_quantile, and
-arithmetic between vectors and numbers. SLO lines are panel thresholds and must match deploy/prometheus/alerts.yml.
+Panels are declared as data so the PNG renderer (render.py) draws the same queries Grafana runs, through a real
+Prometheus. SLO lines are panel thresholds and must match the chart's default SLOs (deploy/prometheus/alerts.yml).
 """
 
 from __future__ import annotations

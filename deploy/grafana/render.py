@@ -1,137 +1,155 @@
-"""Render the crescent Grafana dashboard's panels to a PNG from recorded Prometheus scrapes (no Grafana needed).
+"""Render the crescent Grafana dashboard's panels to a PNG from a real Prometheus (its query_range API; no Grafana).
 
-1. Record scrapes of the running services (bounded: --count scrapes, --interval seconds apart):
-     .venv/bin/python deploy/grafana/render.py collect --out scrapes.jsonl --count 120 --interval 5 \\
-         --target gateway=http://127.0.0.1:8000/metrics --target prefill=http://127.0.0.1:9061/metrics ...
-2. Draw every panel of deploy/grafana/crescent-dashboard.json from them:
-     .venv/bin/python deploy/grafana/render.py plot scrapes.jsonl --out bench/results/dashboard.png
+1. Record: start Prometheus (Debian's `prometheus` package, `make system`) on a free loopback port, its TSDB under
+   --data, scraping the services while they run (bounded by --duration-s), then draw every panel:
+     .venv/bin/python deploy/grafana/render.py record --data /tmp/prom --duration-s 300 --interval 5 \\
+         --target gateway=http://127.0.0.1:8000/metrics --target prefill=http://127.0.0.1:9061/metrics ... \\
+         --out bench/results/dashboard.png
+2. Redraw later from the kept TSDB (Prometheus restarted on it, scraping nothing), or from any running Prometheus
+   (docker-compose's on :9090) over a time range:
+     .venv/bin/python deploy/grafana/render.py plot --data /tmp/prom --out dashboard.png
+     .venv/bin/python deploy/grafana/render.py plot --prometheus http://127.0.0.1:9090 --start T0 --end T1 --out ...
 
-A scrape file is JSON lines: {"t": unix seconds, "target": {"component", "instance", "job"}, "text": the
-Prometheus text exposition, or null with "error" when the scrape failed (then `up` is 0 for that target)}.
-Queries are evaluated with promql.py (a PromQL subset; rate without extrapolation).
+Each panel's PromQL runs as Prometheus evaluates it for Grafana: `$__rate_interval` is four scrape intervals and
+the step is one scrape interval.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import statistics
+import math
+import shutil
+import socket
+import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 HERE = Path(__file__).resolve().parent
 DASHBOARD = HERE / "crescent-dashboard.json"
+RUN_FILE = "crescent-run.json"  # in --data: the recorded time range and scrape interval, for `plot --data`
 UNITS = {"s": "seconds", "reqps": "requests/s", "percentunit": "ratio", "Bps": "bytes/s", "ops": "ops/s"}
+READY_TIMEOUT_S = 60.0
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+
+Points = list[tuple[float, float]]
 
 
-def _load_promql():
-    # deploy/grafana is a folder of scripts, not a package: import the sibling by path, once.
-    name = "crescent_deploy_grafana_promql"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "promql.py")
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-promql = _load_promql()
+def scrape_config(targets: dict[str, list[str]], interval_s: float) -> dict[str, Any]:
+    """Prometheus config: one job per component, labelled `component` as deploy/prometheus/prometheus.yml does."""
+    jobs = []
+    for component, urls in sorted(targets.items()):
+        parts = [urllib.parse.urlsplit(u) for u in urls]
+        paths = {p.path or "/metrics" for p in parts}
+        if len(paths) != 1:
+            raise ValueError(f"{component}: every target of a component needs the same metrics path, got {paths}")
+        jobs.append({"job_name": component, "metrics_path": paths.pop(), "scheme": parts[0].scheme or "http",
+                     "static_configs": [{"targets": [p.netloc for p in parts], "labels": {"component": component}}]})
+    interval = f"{max(1, round(interval_s))}s"
+    return {"global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
+            "scrape_configs": jobs}
 
 
-def scrape_record(t: float, target: dict[str, str], text: str | None, error: str = "") -> dict[str, Any]:
-    record: dict[str, Any] = {"t": t, "target": target, "text": text}
-    if error:
-        record["error"] = error
-    return record
+class LocalPrometheus:
+    """A Prometheus process on a free loopback port, its TSDB under `data`; stopped on exit (TSDB kept)."""
+
+    def __init__(self, data: Path, config: dict[str, Any], binary: str | None = None):
+        self.data, self.config = data, config
+        self.binary = binary or shutil.which("prometheus")
+        if self.binary is None:
+            raise RuntimeError("prometheus is not installed: `make system` (Debian's prometheus package)")
+        self.url, self.process = "", None
+
+    def __enter__(self) -> LocalPrometheus:
+        self.data.mkdir(parents=True, exist_ok=True)
+        # JSON is YAML: Prometheus reads this file as is.
+        (self.data / "prometheus.yml").write_text(json.dumps(self.config, indent=1))
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        log = (self.data / "prometheus.log").open("ab")
+        self.process = subprocess.Popen(
+            [self.binary, f"--config.file={self.data / 'prometheus.yml'}", f"--storage.tsdb.path={self.data / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=30d"],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.process.returncode}: see {self.data}/prometheus.log")
+            try:
+                with _OPENER.open(f"{self.url}/-/ready", timeout=2.0) as reply:
+                    if reply.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"prometheus not ready after {READY_TIMEOUT_S:g}s: see {self.data}/prometheus.log")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: Prometheus flushes its head block and exits
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
 
 
-def load_scrapes(lines: list[str]) -> tuple[Any, list[float]]:
-    """A SeriesStore of every sample (target labels added, `up` synthesized) and the scrape times."""
-    store = promql.SeriesStore()
-    times: list[float] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            t, target = float(record["t"]), {str(k): str(v) for k, v in record["target"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"scrape line {number}: not a scrape record ({e})") from e
-        times.append(t)
-        store.add(t, "up", target, 0.0 if record.get("text") is None else 1.0)
-        for family in text_string_to_metric_families(record.get("text") or ""):
-            for sample in family.samples:
-                store.add(t, sample.name, {**sample.labels, **target}, float(sample.value))
-    if not times:
-        raise ValueError("no scrapes in the file")
-    return store, sorted(times)
+    def wait_for_first_scrapes(self, expected: int) -> None:
+        """Until every target has been scraped once (Prometheus applies new targets only every 5 s)."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            with _OPENER.open(f"{self.url}/api/v1/targets?state=active", timeout=5.0) as reply:
+                active = json.load(reply)["data"]["activeTargets"]
+            if len(active) >= expected and all(t["health"] != "unknown" for t in active):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"prometheus had not scraped its {expected} targets after {READY_TIMEOUT_S:g}s")
 
 
-def round_starts(times: list[float]) -> list[float]:
-    """When each scrape round began. One round scrapes every target a few ms apart, so the gaps inside a round are
-    tiny next to the interval between rounds: a round starts after a gap over a tenth of the largest."""
-    distinct = sorted(set(times))
-    gaps = [b - a for a, b in zip(distinct, distinct[1:], strict=False)]
-    if not gaps:
-        return distinct
-    return [distinct[0]] + [b for a, b in zip(distinct, distinct[1:], strict=False) if b - a > 0.1 * max(gaps)]
+def query_range(url: str, expr: str, start: float, end: float, step_s: float) -> list[tuple[dict[str, str], Points]]:
+    """(labels, [(t, value)]) per series, from Prometheus' /api/v1/query_range."""
+    query = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": step_s})
+    try:
+        with _OPENER.open(f"{url}/api/v1/query_range?{query}", timeout=30.0) as reply:
+            body = json.load(reply)
+    except urllib.error.HTTPError as e:  # 400/422: a bad query, explained in the JSON body
+        body = json.loads(e.read() or b"{}")
+    if body.get("status") != "success":
+        raise RuntimeError(f"{expr}: {body.get('errorType')}: {body.get('error')}")
+    return [(r["metric"], [(float(t), float(v)) for t, v in r["values"]]) for r in body["data"]["result"]]
 
 
-def scrape_rounds(times: list[float]) -> int:
-    return len(round_starts(times))
-
-
-def scrape_interval(times: list[float]) -> float | None:
-    """Median seconds between round starts; None with a single round."""
-    starts = round_starts(times)
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-    return statistics.median(gaps) if gaps else None
-
-
-def eval_times(times: list[float], rate_window_s: float) -> list[float]:
-    """Evaluation instants: one per scrape interval, from the first full rate window to the last scrape."""
-    step = scrape_interval(times) or 1.0
-    first, last = min(times), max(times)
-    start = first + min(rate_window_s, last - first)
-    count = int((last - start) / step) + 1
-    return [start + i * step for i in range(count)]
-
-
-def default_rate_window(times: list[float]) -> float:
-    """Grafana's $__rate_interval is at least four scrape intervals."""
-    interval = scrape_interval(times)
-    return 4 * interval if interval else 60.0
-
-
-def legend(fmt: str, labels: frozenset) -> str:
+def legend(fmt: str, labels: dict[str, str]) -> str:
     text = fmt
-    for key, value in labels:
+    for key, value in labels.items():
         text = text.replace("{{" + key + "}}", value)
-    return text or "{" + ", ".join(f"{k}={v}" for k, v in sorted(labels)) + "}"
+    return text or "{" + ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
 
 
-def panel_series(panel: dict[str, Any], store: Any, at: list[float], rate_window_s: float) -> dict[str, list]:
-    """Legend -> [(t, value)] for each target of a panel, evaluated at every instant."""
-    evaluator = promql.Evaluator(store)
-    out: dict[str, list] = {}
+def panel_series(panel: dict[str, Any], url: str, start: float, end: float, interval_s: float) -> dict[str, Points]:
+    """Legend -> [(t, value)] for every target of a panel."""
+    out: dict[str, Points] = {}
     for target in panel.get("targets", []):
-        query = promql.parse(target["expr"].replace("$__rate_interval", f"{int(rate_window_s * 1000)}ms"))
-        for t in at:
-            result = evaluator.eval(query, t)
-            if not isinstance(result, dict):
-                result = {frozenset(): result}
-            for labels, value in result.items():
-                out.setdefault(legend(target.get("legendFormat", ""), labels), []).append((t, value))
+        expr = target["expr"].replace("$__rate_interval", f"{max(1, round(4 * interval_s))}s")
+        for labels, points in query_range(url, expr, start, end, interval_s):
+            out.setdefault(legend(target.get("legendFormat", ""), labels), []).extend(points)
     return out
 
 
-def plot(dashboard: dict[str, Any], store: Any, times: list[float], out: Path, rate_window_s: float) -> int:
+def plot(dashboard: dict[str, Any], url: str, start: float, end: float, interval_s: float, out: Path) -> int:
     """Draw every timeseries panel on the dashboard's 24-column grid; returns the number of panels drawn."""
     import matplotlib
 
@@ -142,30 +160,28 @@ def plot(dashboard: dict[str, Any], store: Any, times: list[float], out: Path, r
     rows = sorted({p["gridPos"]["y"] for p in panels})
     fig = plt.figure(figsize=(24, 4.2 * len(rows)))
     grid = fig.add_gridspec(len(rows), 24, hspace=0.55, wspace=3.0)
-    at = eval_times(times, rate_window_s)
-    t0 = times[0]
     for panel in panels:
         pos = panel["gridPos"]
         ax = fig.add_subplot(grid[rows.index(pos["y"]), pos["x"]:pos["x"] + pos["w"]])
-        series = panel_series(panel, store, at, rate_window_s)
+        series = panel_series(panel, url, start, end, interval_s)
         for name, points in sorted(series.items()):
-            ax.plot([(t - t0) / 60 for t, _ in points], [v for _, v in points], label=name, linewidth=1.2)
+            ax.plot([(t - start) / 60 for t, _ in points], [v for _, v in points], label=name, linewidth=1.2)
         defaults = panel["fieldConfig"]["defaults"]
         for step in defaults["thresholds"]["steps"]:
             if step["value"] is not None:
                 ax.axhline(step["value"], color="red", linestyle="--", linewidth=1, label=f"SLO {step['value']:g}")
-        if not series:
+        if not any(not math.isnan(v) for points in series.values() for _, v in points):
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
         top = defaults.get("max")
         ax.set_ylim(bottom=defaults.get("min"), top=None if top is None else top * 1.05)  # lines at max stay visible
         ax.set_title(panel["title"], fontsize=10)
-        ax.set_xlim(0, (times[-1] - t0) / 60)  # one time axis for every panel, as on a Grafana dashboard
+        ax.set_xlim(0, (end - start) / 60)  # one time axis for every panel, as on a Grafana dashboard
         ax.set_xlabel("minutes", fontsize=8)
         ax.set_ylabel(UNITS.get(defaults.get("unit", ""), ""), fontsize=8)
         ax.tick_params(labelsize=7)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, loc="upper left")
-    fig.suptitle(f"{dashboard['title']} - {scrape_rounds(times)} scrape rounds, rate window {rate_window_s:g}s",
+    fig.suptitle(f"{dashboard['title']} - Prometheus, {(end - start) / 60:.1f} min, scrape interval {interval_s:g}s",
                  fontsize=13, y=0.93)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80, bbox_inches="tight")
@@ -173,49 +189,70 @@ def plot(dashboard: dict[str, Any], store: Any, times: list[float], out: Path, r
     return len(panels)
 
 
-def collect(targets: dict[str, str], out: Path, count: int, interval_s: float, timeout_s: float = 3.0) -> None:
-    """Scrape each target `count` times, `interval_s` apart, appending JSON lines to `out`."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with out.open("a") as f:
-        for i in range(count):
-            started = time.time()
-            for component, url in targets.items():
-                target = {"component": component, "instance": url.split("/")[2], "job": component}
-                try:
-                    with opener.open(url, timeout=timeout_s) as reply:
-                        record = scrape_record(time.time(), target, reply.read().decode())
-                except OSError as e:
-                    record = scrape_record(time.time(), target, None, str(e))
-                f.write(json.dumps(record) + "\n")
-            f.flush()
-            if i + 1 < count:
-                time.sleep(max(0.0, interval_s - (time.time() - started)))
+def record(targets: dict[str, list[str]], data: Path, duration_s: float, interval_s: float) -> dict[str, float]:
+    """Scrape the targets with a local Prometheus for duration_s; returns (and keeps in --data) the time range."""
+    config = scrape_config(targets, interval_s)
+    with LocalPrometheus(data, config) as prometheus:
+        prometheus.wait_for_first_scrapes(sum(len(urls) for urls in targets.values()))
+        start = time.time()
+        time.sleep(duration_s)
+        end = time.time()
+    run = {"start": start, "end": end, "interval_s": interval_s}
+    (data / RUN_FILE).write_text(json.dumps(run) + "\n")
+    return run
+
+
+def plot_from_data(data: Path, dashboard: dict[str, Any], out: Path) -> int:
+    """Restart Prometheus on a recorded TSDB (scraping nothing) and draw the recorded range."""
+    run = json.loads((data / RUN_FILE).read_text())
+    with LocalPrometheus(data, scrape_config({}, run["interval_s"])) as prometheus:
+        return plot(dashboard, prometheus.url, run["start"], run["end"], run["interval_s"], out)
+
+
+def parse_targets(values: list[str]) -> dict[str, list[str]]:
+    targets: dict[str, list[str]] = {}
+    for value in values:
+        component, sep, url = value.partition("=")
+        if not sep or not component or "://" not in url:
+            raise ValueError(f"--target takes component=URL of its /metrics, got {value!r}")
+        targets.setdefault(component, []).append(url)
+    return targets
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("collect", help="record scrapes")
-    c.add_argument("--target", action="append", required=True, help="component=URL of its /metrics")
-    c.add_argument("--out", type=Path, required=True)
-    c.add_argument("--count", type=int, default=60)
-    c.add_argument("--interval", type=float, default=5.0)
-    p = sub.add_parser("plot", help="draw the dashboard from recorded scrapes")
-    p.add_argument("scrapes", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--dashboard", type=Path, default=DASHBOARD)
-    p.add_argument("--rate-window", type=float, default=0.0, help="seconds; 0 = four scrape intervals")
+    r = sub.add_parser("record", help="scrape with a local Prometheus for a while, then draw")
+    r.add_argument("--target", action="append", required=True, help="component=URL of its /metrics (repeatable)")
+    r.add_argument("--data", type=Path, required=True, help="folder for Prometheus' TSDB, config and log")
+    r.add_argument("--duration-s", type=float, required=True)
+    r.add_argument("--interval", type=float, default=5.0, help="scrape interval, seconds (whole, at least 1)")
+    p = sub.add_parser("plot", help="draw from a recorded --data folder, or a running Prometheus")
+    p.add_argument("--data", type=Path, help="a folder `record` filled")
+    p.add_argument("--prometheus", help="URL of a running Prometheus (with --start, --end)")
+    p.add_argument("--start", type=float, help="unix seconds")
+    p.add_argument("--end", type=float, help="unix seconds")
+    p.add_argument("--interval", type=float, default=5.0, help="with --prometheus: its scrape interval")
+    for sp in (r, p):
+        sp.add_argument("--out", type=Path, required=True)
+        sp.add_argument("--dashboard", type=Path, default=DASHBOARD)
     args = parser.parse_args(argv)
-    if args.cmd == "collect":
-        bad = [t for t in args.target if "=" not in t]
-        if bad:
-            parser.error(f"--target takes component=URL, got {bad}")
-        collect(dict(t.split("=", 1) for t in args.target), args.out, args.count, args.interval)
-        return 0
-    store, times = load_scrapes(args.scrapes.read_text().splitlines())
-    window = args.rate_window or default_rate_window(times)
-    drawn = plot(json.loads(args.dashboard.read_text()), store, times, args.out, window)
-    print(f"wrote {args.out}: {drawn} panels from {scrape_rounds(times)} scrape rounds")
+    dashboard = json.loads(args.dashboard.read_text())
+    if args.cmd == "record":
+        try:
+            targets = parse_targets(args.target)
+        except ValueError as e:
+            parser.error(str(e))
+        run = record(targets, args.data, args.duration_s, args.interval)
+        drawn = plot_from_data(args.data, dashboard, args.out)
+    elif args.data:
+        run, drawn = json.loads((args.data / RUN_FILE).read_text()), plot_from_data(args.data, dashboard, args.out)
+    elif args.prometheus and args.start and args.end:
+        run = {"start": args.start, "end": args.end, "interval_s": args.interval}
+        drawn = plot(dashboard, args.prometheus.rstrip("/"), args.start, args.end, args.interval, args.out)
+    else:
+        parser.error("plot needs --data, or --prometheus with --start and --end")
+    print(f"wrote {args.out}: {drawn} panels over {(run['end'] - run['start']) / 60:.1f} min")
     return 0
 
 

@@ -62,10 +62,45 @@ app.kubernetes.io/part-of: crescent
 {{/* CRESCENT_MODEL for the gateway and the workers. */}}
 {{- define "crescent.modelPath" -}}
 {{- $m := .Values.model }}
-{{- if eq $m.name "default" }}default
+{{- if eq $m.source "huggingface" }}{{ printf "%s/%s" (trimSuffix "/" $m.mountPath) (include "crescent.hfFolder" .) }}
+{{- else if eq $m.name "default" }}default
 {{- else if eq $m.source "image" }}
 {{- fail "model.name must be \"default\" when model.source is \"image\" (the image holds only the default model); set model.source to pvc or hostPath to serve another folder" }}
 {{- else }}{{ printf "%s/%s" (trimSuffix "/" $m.mountPath) $m.name }}
+{{- end }}
+{{- end }}
+
+{{/* The folder a Hugging Face model downloads into: its id with "/" as "--" (the Hub cache's own spelling). */}}
+{{- define "crescent.hfFolder" -}}
+{{- required "model.huggingface.id is required when model.source is huggingface (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)" .Values.model.huggingface.id | replace "/" "--" }}
+{{- end }}
+
+{{/* The model name clients send: model.servedName, else a Hugging Face model's id, else the services' default. */}}
+{{- define "crescent.servedName" -}}
+{{- if .Values.model.servedName }}{{ .Values.model.servedName }}
+{{- else if eq .Values.model.source "huggingface" }}{{ .Values.model.huggingface.id }}
+{{- end }}
+{{- end }}
+
+{{- define "crescent.internalTokenSecret" -}}
+{{- default (printf "%s-internal-token" (include "crescent.fullname" .)) .Values.internalAuth.existingSecret }}
+{{- end }}
+
+{{/* Env read from Secrets: the internal token (every crescent service) and the gateway's API key. Args: root, role. */}}
+{{- define "crescent.secretEnv" -}}
+{{- if .root.Values.internalAuth.enabled }}
+- name: CRESCENT_INTERNAL_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "crescent.internalTokenSecret" .root }}
+      key: {{ .root.Values.internalAuth.key }}
+{{- end }}
+{{- if and (eq .role "gateway") .root.Values.gateway.apiKey.existingSecret }}
+- name: CRESCENT_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .root.Values.gateway.apiKey.existingSecret }}
+      key: {{ .root.Values.gateway.apiKey.key }}
 {{- end }}
 {{- end }}
 
@@ -88,6 +123,7 @@ app.kubernetes.io/part-of: crescent
 - name: {{ $name }}
   value: {{ include "crescent.scalar" $value | quote }}
 {{- end }}
+{{- include "crescent.secretEnv" . }}
 {{- with .comp.env }}
 {{ toYaml . }}
 {{- end }}
@@ -145,4 +181,26 @@ podAntiAffinity:
 {{- $units := dict "" 1 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
 {{- $unit := trimPrefix $digits $q }}
 {{- if and $digits (hasKey $units $unit) }}{{ mul (int64 $digits) (get $units $unit) }}{{ else }}-1{{ end }}
+{{- end }}
+
+{{/* Histogram bucket bounds (`le` labels) of crescent_gateway_time_to_first_token_seconds and
+     crescent_gateway_inter_token_latency_seconds: LATENCY_BUCKETS and TOKEN_GAP_BUCKETS of
+     crescent/services/common/metrics.py (a test keeps them equal). */}}
+{{- define "crescent.ttftBuckets" -}}
+["0.005", "0.01", "0.025", "0.05", "0.075", "0.1", "0.15", "0.2", "0.3", "0.5", "0.75", "1.0", "1.5", "2.0", "3.0", "5.0", "7.5", "10.0", "20.0", "40.0", "80.0"]
+{{- end }}
+{{- define "crescent.tbtBuckets" -}}
+["0.001", "0.0025", "0.005", "0.01", "0.02", "0.03", "0.05", "0.075", "0.1", "0.15", "0.2", "0.3", "0.5", "0.75", "1.0", "2.5", "5.0"]
+{{- end }}
+
+{{/* An SLO in seconds as the `le` label of the bucket the alerts count SLO hits in. prometheus_client writes bounds
+     the way Python prints floats ("2.0", not "2"). An SLO between bounds would match no series and the alerts would
+     stay silent forever, so it fails. Args: key, value, metric, bounds (list of le strings). */}}
+{{- define "crescent.sloBucket" -}}
+{{- $le := toString .value }}
+{{- if not (regexMatch "[.eE]" $le) }}{{ $le = printf "%s.0" $le }}{{ end }}
+{{- if not (has $le .bounds) }}
+{{- fail (printf "%s (%v) is not a bucket bound of %s, so the SLO alerts could not count misses: pick one of %s (crescent/services/common/metrics.py), or disable metrics.prometheusRule" .key .value .metric (join ", " .bounds)) }}
+{{- end }}
+{{- $le }}
 {{- end }}

@@ -1,11 +1,13 @@
 {{/* The pod template every crescent role shares.
      Args: root, role, comp (the role's values), base (dict of CRESCENT_* settings), ports (list of {name, port}),
-     http (true: probe HTTP /health, else the gRPC health service), model (true: mount the model volume),
-     mounts / volumes (extra YAML lists). */}}
+     http (true: probe HTTP /health, else the gRPC health service), model (true: mount the model volume, and
+     download it first when it comes from the Hugging Face Hub), mounts / volumes (extra YAML lists).
+     Every pod gets an emptyDir at /tmp: the root filesystem is read-only. */}}
 {{- define "crescent.podTemplate" -}}
 {{- $root := .root }}
 {{- $img := merge (deepCopy (default dict .comp.image)) $root.Values.image }}
 {{- $modelVolume := and .model (ne $root.Values.model.source "image") }}
+{{- $hf := and $modelVolume (eq $root.Values.model.source "huggingface") }}
 {{- $seen := dict }}
 {{- range .ports }}
 {{- if hasKey $seen (toString .port) }}
@@ -44,6 +46,10 @@ spec:
   {{- end }}
   affinity:
     {{- include "crescent.affinity" . | trim | nindent 4 }}
+  {{- if $hf }}
+  initContainers:
+    {{- include "crescent.hfInitContainer" . | trim | nindent 4 }}
+  {{- end }}
   containers:
     - name: {{ .role }}
       image: {{ include "crescent.image" . | quote }}
@@ -85,22 +91,24 @@ spec:
         {{- include "crescent.resources" . | nindent 8 }}
       securityContext:
         {{- toYaml $root.Values.securityContext | nindent 8 }}
-      {{- if or $modelVolume .mounts }}
       volumeMounts:
         {{- if $modelVolume }}
         - name: models
           mountPath: {{ $root.Values.model.mountPath }}
           readOnly: true
         {{- end }}
+        - name: tmp
+          mountPath: /tmp
         {{- with .mounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
-      {{- end }}
-  {{- if or $modelVolume .volumes }}
   volumes:
     {{- if $modelVolume }}
     - name: models
-      {{- if eq $root.Values.model.source "pvc" }}
+      {{- if $hf }}
+      emptyDir:
+        sizeLimit: {{ $root.Values.model.huggingface.sizeLimit }}
+      {{- else if eq $root.Values.model.source "pvc" }}
       persistentVolumeClaim:
         claimName: {{ include "crescent.modelClaimName" $root }}
         readOnly: true
@@ -110,8 +118,57 @@ spec:
         type: {{ $root.Values.model.hostPath.type }}
       {{- end }}
     {{- end }}
+    - name: tmp
+      emptyDir:
+        sizeLimit: {{ $root.Values.tmp.sizeLimit }}
+    {{- if $hf }}
+    - name: hf-download
+      configMap:
+        name: {{ include "crescent.fullname" $root }}-hf-download
+    {{- end }}
     {{- with .volumes }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  {{- end }}
+{{- end }}
+
+{{/* Downloads model.huggingface.id into the pod's models emptyDir before the service starts (files/hf_download.py,
+     run by the role's own image's Python). Args: root, comp. */}}
+{{- define "crescent.hfInitContainer" -}}
+{{- $root := .root }}
+{{- $hf := $root.Values.model.huggingface }}
+- name: download-model
+  image: {{ include "crescent.image" . | quote }}
+  imagePullPolicy: {{ (merge (deepCopy (default dict .comp.image)) $root.Values.image).pullPolicy }}
+  command: ["python", "/opt/hf-download/hf_download.py"]
+  env:
+    - name: HF_MODEL_ID
+      value: {{ $hf.id | quote }}
+    - name: HF_REVISION
+      value: {{ $hf.revision | quote }}
+    - name: HF_ENDPOINT
+      value: {{ $hf.endpoint | quote }}
+    - name: HF_FILES
+      value: {{ toJson $hf.files | quote }}
+    - name: HF_DEST
+      value: {{ include "crescent.modelPath" $root | quote }}
+    {{- if $hf.tokenSecret.name }}
+    - name: HF_TOKEN
+      valueFrom:
+        secretKeyRef:
+          name: {{ $hf.tokenSecret.name }}
+          key: {{ $hf.tokenSecret.key }}
+    {{- end }}
+  resources:
+    requests: {cpu: 100m, memory: 256Mi}
+    limits: {memory: 512Mi}
+  securityContext:
+    {{- toYaml $root.Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: tmp
+      mountPath: /tmp
+    - name: models
+      mountPath: {{ $root.Values.model.mountPath }}
+    - name: hf-download
+      mountPath: /opt/hf-download
+      readOnly: true
 {{- end }}

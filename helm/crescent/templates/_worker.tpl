@@ -9,8 +9,10 @@
 {{- $base := include "crescent.baseEnv" $ctx | fromYaml }}
 {{- $_ := set $base "CRESCENT_ADVERTISE_HOST" "$(POD_IP)" }}
 {{- $_ := set $base "CRESCENT_MODEL" (include "crescent.modelPath" $root) }}
-{{- with $root.Values.model.servedName }}{{ $_ := set $base "CRESCENT_SERVED_MODEL_NAME" . }}{{ end }}
+{{- with include "crescent.servedName" $root }}{{ $_ := set $base "CRESCENT_SERVED_MODEL_NAME" . }}{{ end }}
 {{- if gt (int $comp.gpus) 0 }}{{ $_ := set $base "CRESCENT_DEVICE" "cuda" }}{{ end }}
+{{- /* Triton caches compiled kernels under $HOME by default: the root filesystem is read-only, /tmp is not. */}}
+{{- $_ := set $base "TRITON_CACHE_DIR" "/tmp/triton" }}
 {{- $_ := set $ctx "base" $base }}
 {{- $_ := set $ctx "ports" (list (dict "name" "grpc" "port" $comp.port) (dict "name" "metrics" "port" $comp.metricsPort)) }}
 {{- $_ := set $ctx "model" true }}

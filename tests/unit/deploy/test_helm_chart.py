@@ -21,6 +21,7 @@ CRD_KINDS = {
     "ServiceMonitor": "Prometheus Operator CRD (monitoring.coreos.com), not in the core API schemas",
     "ScaledObject": "KEDA CRD (keda.sh), not in the core API schemas",
     "PrometheusRule": "Prometheus Operator CRD (monitoring.coreos.com), not in the core API schemas",
+    "HTTPRoute": "Gateway API CRD (gateway.networking.k8s.io), not in the core API schemas",
 }
 CASES = examples.cases()
 
@@ -44,7 +45,8 @@ def env_of(workload: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_expected_examples_exist():
-    assert {"default", "multi-conductor", "gpu-workers", "hostpath-model", "monitoring"} <= set(CASES)
+    assert {"default", "multi-conductor", "gpu-workers", "hostpath-model", "monitoring", "secure-gateway",
+            "huggingface-model"} <= set(CASES)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -144,7 +146,8 @@ def test_hostpath_model_is_mounted_and_named():
         assert container(w)["volumeMounts"][0] == {"name": "models", "mountPath": "/models", "readOnly": True}
     store = find(docs, "StatefulSet", "kvstore")
     assert "volumeClaimTemplates" not in store["spec"]
-    assert store["spec"]["template"]["spec"]["volumes"][0]["emptyDir"] == {"sizeLimit": "10Gi"}
+    volumes = {v["name"]: v for v in store["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["data"]["emptyDir"] == {"sizeLimit": "10Gi"}
 
 
 def test_monitoring_renders_servicemonitor_hpa_and_keda():

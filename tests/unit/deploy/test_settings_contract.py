@@ -42,7 +42,8 @@ def compose_env() -> dict[str, dict[str, str]]:
 
 
 SOURCES = {f"chart:{case}": (lambda c=case: chart_env(c)) for case in ("default", "gpu-workers", "hostpath-model",
-                                                                       "multi-conductor")}
+                                                                       "multi-conductor", "huggingface-model",
+                                                                       "secure-gateway")}
 SOURCES["docker-compose"] = compose_env
 
 
