@@ -26,7 +26,7 @@ class ConductorSettings(CrescentSettings):
         gt=0)
     suspect_after_s: float = Field(
         0.0, description="Instances silent this long get no new work (requests already placed go on) until they "
-        "beat again or are dropped; 0 = 3 heartbeat intervals.", ge=0)
+        "beat again or are dropped; 0 = 3 heartbeat intervals (at most half the timeout).", ge=0)
     cost_model_path: str = Field("", description="Cost model JSON (from calibrate); empty = built-in defaults.")
     request_ttl_s: float = Field(1800.0, description="Forget an admitted request after this long without Finish.",
                                  gt=0)
@@ -38,7 +38,7 @@ class ConductorSettings(CrescentSettings):
     @model_validator(mode="after")
     def _suspect_before_drop(self) -> ConductorSettings:
         if self.suspect_after_s == 0:
-            self.suspect_after_s = 3 * self.heartbeat_interval_s
+            self.suspect_after_s = min(3 * self.heartbeat_interval_s, self.heartbeat_timeout_s / 2)
         if self.suspect_after_s >= self.heartbeat_timeout_s:
             raise ValueError(f"suspect_after_s ({self.suspect_after_s}) must be below heartbeat_timeout_s "
                              f"({self.heartbeat_timeout_s}): raise the timeout or lower suspect_after_s")

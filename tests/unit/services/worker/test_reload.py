@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+from crescent.engine.outputs import EngineStats
 from crescent.proto.v1 import common_pb2
 from crescent.services.common import metrics as m
 from crescent.services.common.model_watch import ModelWatcher
@@ -20,6 +21,10 @@ class _FakeLLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return False
+
+    def stats(self) -> EngineStats:
+        return EngineStats(waiting=0, running=0, free_blocks=4, total_blocks=4, queued_prefill_tokens=0,
+                           running_context_tokens=0, prefix_query_tokens=0, prefix_hit_tokens=0, preemptions=0)
 
 
 async def _until_stopped(engine) -> None:
