@@ -28,8 +28,8 @@ REPLY = "Hello world, this is crescent."
 class CharTokenizer:
     """Token id = Unicode code point; enough to check the gateway's plumbing."""
 
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return ([1] if add_special_tokens else []) + [ord(c) for c in text]  # 1: a stand-in BOS
 
     def decode(self, ids) -> str:
         return "".join(chr(i) for i in ids)

@@ -25,8 +25,8 @@ class ApiError(Exception):
                  retry_after_s: float | None = None):
         super().__init__(message)
         self.status = status
-        self.message = message
-        self.param = param
+        self.message = _utf8_safe(message)
+        self.param = None if param is None else _utf8_safe(param)
         self.code = code
         self.retry_after_s = retry_after_s
 
@@ -42,6 +42,11 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
+def _utf8_safe(text: str) -> str:
+    """Messages quote client input; a lone surrogate in it must not make the error JSON unencodable."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -49,6 +54,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":  # OpenAI's words for an unknown field
+        return f"Unrecognized request argument supplied: {param}", param
     return (f"{param}: {first.get('msg')}" if param else str(first.get("msg"))), param
 
 
@@ -56,10 +63,15 @@ _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 _OUTCOMES = {400: "bad_request", 404: "not_found", 413: "bad_request", 429: "rejected", 503: "rejected"}
 
 
-def _count(request: Request, status: int) -> None:
-    endpoint = _ENDPOINTS.get(request.url.path)
+def count_outcome(path: str, status: int) -> None:
+    """Count a failed API request under its endpoint (others, like /health, are not counted)."""
+    endpoint = _ENDPOINTS.get(path)
     if endpoint is not None:
         GATEWAY_REQUESTS.labels(endpoint=endpoint, outcome=_OUTCOMES.get(status, "error")).inc()
+
+
+def _count(request: Request, status: int) -> None:
+    count_outcome(request.url.path, status)
 
 
 def install_error_handlers(app: FastAPI) -> None:

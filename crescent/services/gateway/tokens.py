@@ -14,7 +14,7 @@ from crescent.services.gateway.errors import ApiError
 
 
 class TokenizerLike(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str | list[int]: ...
 
@@ -27,17 +27,30 @@ class PromptEncoder:
         self.max_model_len = max_model_len
         self._token_str: dict[int, str] = {}
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         try:
-            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # a template raising (e.g. on roles it forbids) is the client's mistake
             raise ApiError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
         return list(rendered) if not isinstance(rendered, str) else self.tokenizer.encode(rendered)
 
-    def text_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
+    def text_ids(self, prompt: str | list[int], add_special_tokens: bool | None = None) -> list[int]:
+        """A completion prompt's ids; ``add_special_tokens`` None = as the completions API does (it adds none)."""
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if add_special_tokens is None:
             return self.tokenizer.encode(prompt)
-        return list(prompt)
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+
+    def detokenize(self, ids: list[int]) -> str:
+        vocab = getattr(self.tokenizer, "vocab_size", None)
+        if isinstance(vocab, int) and any(t >= vocab for t in ids):
+            raise ApiError(400, f"token ids must be below the vocabulary size {vocab}", param="tokens")
+        try:
+            text = self.tokenizer.decode(ids)
+        except Exception as exc:  # the tokenizer is the judge of which ids it can decode
+            raise ApiError(400, f"cannot decode these token ids: {exc}", param="tokens") from exc
+        return text.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate cannot travel as JSON
 
     def token_str(self, token_id: int) -> str:
         text = self._token_str.get(token_id)
@@ -47,14 +60,16 @@ class PromptEncoder:
                 self._token_str[token_id] = text
         return text
 
-    def check_length(self, prompt_ids: list[int], max_tokens: int | None) -> int:
-        """Validate lengths and return the completion budget (``max_tokens`` or what the context leaves)."""
+    def check_length(self, prompt_ids: list[int], max_tokens: int | None, param: str = "prompt") -> int:
+        """Validate lengths and return the completion budget (``max_tokens`` or what the context leaves).
+
+        An over-long prompt is a 400 ``context_length_exceeded`` naming ``param``, as OpenAI and vLLM answer."""
         n = len(prompt_ids)
         if n == 0:
-            raise ApiError(400, "the prompt is empty", param="prompt")
+            raise ApiError(400, "the prompt is empty", param=param)
         if n >= self.max_model_len:
-            raise ApiError(413, f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens",
-                           param="messages", code="context_length_exceeded")
+            raise ApiError(400, f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens",
+                           param=param, code="context_length_exceeded")
         room = self.max_model_len - n
         if max_tokens is not None and max_tokens > room:
             raise ApiError(400, f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
