@@ -9,7 +9,6 @@ from crescent.services.gateway.generation import ChoiceState, Delta
 from crescent.services.gateway.protocol import envelope
 from crescent.services.gateway.tokens import PromptEncoder
 
-
 MIN_LOGPROB = -9999.0
 """What a -inf (or NaN) logprob is sent as, as vLLM does: JSON has no infinity, and strict parsers refuse it."""
 
