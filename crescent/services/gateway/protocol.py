@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 MAX_STOP_STRINGS = 8
 MAX_TOKEN_ID = 2**31  # ids travel as uint32; the worker checks them against its vocabulary
@@ -29,12 +29,22 @@ def _utf8(text: str) -> str:
     return text
 
 
+def _integral(value: object) -> object:
+    """JSON Schema counts 2.0 as an integer (JSON has one number type); strict pydantic would not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 Text = Annotated[str, AfterValidator(_utf8)]
-TokenId = Annotated[int, Field(ge=0, lt=MAX_TOKEN_ID)]
+Int = Annotated[int, BeforeValidator(_integral)]
+TokenId = Annotated[Int, Field(ge=0, lt=MAX_TOKEN_ID)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # strict: a value of the wrong JSON type ("5" for an integer, 1.5 for n) is a 400, as the published schema says
+    # (an integer still fills a float field)
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
 
 class StreamOptions(_Request):
@@ -78,13 +88,13 @@ class _SamplingFields(_Request):
     model: Text = Field(min_length=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)
-    n: int = Field(1, ge=1, le=128)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # int64, as OpenAI; sent as uint64 mod 2^64
+    top_k: Int | None = Field(None, ge=-1, le=MAX_INT32)
+    n: Int = Field(1, ge=1, le=128)
+    seed: Int | None = Field(None, ge=-(2**63), lt=2**63)  # int64, as OpenAI; sent as uint64 mod 2^64
     stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    min_tokens: int = Field(0, ge=0, le=MAX_UINT32)
+    min_tokens: Int = Field(0, ge=0, le=MAX_UINT32)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
@@ -101,7 +111,7 @@ class _SamplingFields(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
     logit_bias: dict[str, float] | None = None
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    best_of: int | None = Field(None, ge=1, le=128)
+    best_of: Int | None = Field(None, ge=1, le=128)
     use_beam_search: bool = False
     length_penalty: float | None = None
     include_stop_str_in_output: bool = False
@@ -113,8 +123,8 @@ class _SamplingFields(_Request):
     structured_outputs: dict[str, Any] | None = None
     allowed_token_ids: list[TokenId] | None = None
     bad_words: list[Text] | None = None
-    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=MAX_INT32)
-    prompt_logprobs: int | None = Field(None, ge=-1, le=MAX_LOGPROBS)
+    truncate_prompt_tokens: Int | None = Field(None, ge=-1, le=MAX_INT32)
+    prompt_logprobs: Int | None = Field(None, ge=-1, le=MAX_LOGPROBS)
     return_tokens_as_token_ids: bool | None = None
 
     @field_validator("stop")
@@ -133,10 +143,10 @@ class _SamplingFields(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_UINT32)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_UINT32)
+    max_tokens: Int | None = Field(None, ge=1, le=MAX_UINT32)
+    max_completion_tokens: Int | None = Field(None, ge=1, le=MAX_UINT32)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     parallel_tool_calls: bool | None = None  # no tools, so nothing to run in parallel
     prediction: dict[str, Any] | None = None  # predicted outputs change latency, never the output
     tools: list[dict[str, Any]] | None = None
@@ -161,8 +171,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
-    max_tokens: int | None = Field(16, ge=1, le=MAX_UINT32)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: Int | None = Field(16, ge=1, le=MAX_UINT32)
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: Text | None = None
 

@@ -20,7 +20,7 @@ from crescent.services.common.hashing import prefix_block_hashes
 from crescent.services.common.model_watch import ModelWatcher
 from crescent.services.gateway import sse
 from crescent.services.gateway.backend import ClusterClient, SubRequest
-from crescent.services.gateway.errors import ApiError
+from crescent.services.gateway.errors import ERROR_RESPONSES, STREAM_RESPONSE, ApiError
 from crescent.services.gateway.generation import Run
 from crescent.services.gateway.protocol import (
     ChatCompletionRequest,
@@ -36,7 +36,7 @@ from crescent.services.gateway.settings import GatewaySettings
 from crescent.services.gateway.tokens import PromptEncoder
 from crescent.services.gateway.unsupported import check_supported
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 T = TypeVar("T")
 MIN_TOP_P = 1e-6
 """top_p travels as a float32: a positive value below this would round to 0, which the worker refuses. Any top_p
@@ -85,7 +85,7 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": [card]}
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=STREAM_RESPONSE)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = _state(request)
     _check_common(st, body)
@@ -100,7 +100,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return await _serve(st, request, body, [prompt_ids], max_tokens, -1 if top is None else top, renderer, "chat")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=STREAM_RESPONSE)
 async def completions(body: CompletionRequest, request: Request):
     st = _state(request)
     prompts = body.prompts()

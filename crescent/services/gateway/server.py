@@ -69,6 +69,7 @@ def create_app(settings: GatewaySettings, encoder: PromptEncoder | None = None,
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(tokenize_router)
+    _openapi_without_422(app)
 
     @app.get("/health")
     async def health(request: Request) -> Response:
@@ -89,6 +90,20 @@ def create_app(settings: GatewaySettings, encoder: PromptEncoder | None = None,
                            expose_headers=["X-Request-Id", "Retry-After"],
                            allow_credentials=settings.cors_allow_credentials)
     return app
+
+
+def _openapi_without_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every body; validation errors are 400s here (errors.py), so drop it."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            for path in generate()["paths"].values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def serve(settings: GatewaySettings) -> None:

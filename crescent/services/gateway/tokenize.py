@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from crescent.services.gateway.errors import ApiError
+from crescent.services.gateway.errors import ERROR_RESPONSES, ApiError
 from crescent.services.gateway.protocol import DetokenizeRequest, TokenizeRequest
 from crescent.services.gateway.routes import GatewayState, template_message
 from crescent.services.gateway.unsupported import check_message
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 def _state(request: Request, model: str | None) -> GatewayState:

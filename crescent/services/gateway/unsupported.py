@@ -62,6 +62,8 @@ _NOOP: dict[str, Callable[[Any], bool]] = {
     "chat_template_kwargs": _unset,
     "documents": _unset,
 }
+REFUSED_FIELDS = frozenset({*_NOOP, "best_of"})
+"""Every request field refused unless at its no-op value."""
 _MESSAGE_NOOP: dict[str, Callable[[Any], bool]] = {
     "tool_calls": _unset, "refusal": _unset, "function_call": _unset, "audio": _unset,
 }
