@@ -147,6 +147,8 @@ def _stream_bodies(draw) -> tuple[str, dict]:
         roles = st.sampled_from(["user", "system", "assistant", "tool"] + (["robot"] if hostile else []))
         body["messages"] = draw(st.lists(st.fixed_dictionaries({"role": roles, "content": texts}), min_size=1,
                                          max_size=3))
+        if "top_logprobs" in body:
+            body.setdefault("logprobs", True)
         return "/v1/chat/completions", body
     if body.get("logprobs") is True:
         body["logprobs"] = 2  # completions take a count

@@ -104,6 +104,7 @@ def test_a_surrogate_pair_is_one_character_and_served(http):
 def test_unknown_field_is_400_naming_it(http):
     err = _error(http.post("/v1/chat/completions", json={**CHAT, "frobnicate": 1}), 400, param="frobnicate")
     assert "Unrecognized request argument" in err["message"]
+    _error(http.post("/v1/chat/completions", json={**CHAT, "top_logprobs": 2}), 400, param="top_logprobs")
 
 
 @pytest.mark.parametrize("field, value", [

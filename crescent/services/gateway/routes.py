@@ -89,6 +89,8 @@ async def list_models(request: Request) -> dict:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = _state(request)
     _check_common(st, body)
+    if body.top_logprobs is not None and not body.logprobs:  # else the client waits for logprobs that never come
+        raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     messages = [template_message(msg) for msg in body.messages]
     requested = body.requested_max_tokens()
     encoder = st.encoder  # the model watch may swap it meanwhile: one request, one tokenizer
