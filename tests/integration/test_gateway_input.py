@@ -137,6 +137,18 @@ def test_no_op_values_and_output_neutral_fields_are_served(http):
     assert r.json()["choices"][0]["message"]["content"] == REPLY[:3]
 
 
+def test_vllm_bench_payloads_are_served(http):
+    """What `vllm bench serve` sends (openai-completions and openai-chat backends, ignore_eos on)."""
+    completions = {"model": MODEL, "prompt": "ab", "repetition_penalty": 1.0, "max_tokens": 4, "logprobs": None,
+                   "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            "max_completion_tokens": 4, "stream": True, "stream_options": {"include_usage": True},
+            "ignore_eos": True, "temperature": 0.0}
+    for path, body in (("/v1/completions", completions), ("/v1/chat/completions", chat)):
+        r = http.post(path, json=body)
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), (path, r.text[:300])
+
+
 def test_ignore_eos_and_min_tokens_reach_the_workers(http, cluster):
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "ab", "max_tokens": 4, "ignore_eos": True,
                                            "min_tokens": 3})
