@@ -1,7 +1,9 @@
 """Property-based fuzz of the gateway (issue #14): no input gets a 5xx or a connection reset, and /health answers
 all along.
 
-Two fuzzers against one real uvicorn gateway on loopback (fake conductor/prefill/decode gRPC servers behind it):
+Two fuzzers against a real uvicorn gateway on loopback (fake conductor/prefill/decode gRPC servers behind it), once
+with a stand-in tokenizer (one token per character: any id decodes, or fails loudly) and once with the default
+model's real one (SmolLM2's byte-level BPE and chat template):
 - schemathesis generates requests from the gateway's own OpenAPI schema, valid and invalid, and holds every answer
   to that schema (status codes, content types, the error JSON, and: invalid data is refused);
 - hypothesis drives the SSE path with hostile field values (lone surrogates, NaN, out-of-range integers) and checks
@@ -34,8 +36,8 @@ from crescent.services.gateway.unsupported import REFUSED_FIELDS
 from tests.integration.fake_cluster import CharTokenizer, FakeCluster
 from tests.integration.gateway_server import MODEL, running_gateway
 
-SCHEMA_EXAMPLES = 250
-SSE_EXAMPLES = 120
+SCHEMA_EXAMPLES = 200  # per tokenizer
+SSE_EXAMPLES = 100
 FUZZ = settings(deadline=None, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
 
 
@@ -72,17 +74,30 @@ class HealthWatch:
         self._thread.join(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def gateway():
+def _tokenizer(kind: str):
+    if kind == "chars":
+        return CharTokenizer()
+    from crescent.models.prepare import (
+        ensure_default_model,  # converted once into the model cache, then reused
+    )
+    from crescent.services.common.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(ensure_default_model())
+
+
+@pytest.fixture(scope="module", params=["chars", "smollm2"])
+def gateway(request):
     cluster = FakeCluster().start()
     try:
-        with running_gateway(cluster.address, CharTokenizer(), max_model_len=256, max_body_bytes=256 << 10,
+        with running_gateway(cluster.address, _tokenizer(request.param), max_model_len=256, max_body_bytes=256 << 10,
                              max_prompts=4) as url, HealthWatch(url) as health:
             yield url, health
     finally:
         cluster.stop()
     assert not health.failures, health.failures[:5]
-    assert health.polls > 10 and health.worst_s < 1.0, (health.polls, health.worst_s)
+    # The bound is loose on purpose: client, server and poller share this process (one GIL) on two shared cores.
+    # What it rules out is the issue's failure, /health stuck for seconds behind a request's tokenization.
+    assert health.polls > 10 and health.worst_s < 3.0, (health.polls, health.worst_s)
 
 
 def _api_schema(url: str):
