@@ -77,12 +77,10 @@ class HealthWatch:
 def _tokenizer(kind: str):
     if kind == "chars":
         return CharTokenizer()
-    from crescent.models.prepare import (
-        ensure_default_model,  # converted once into the model cache, then reused
-    )
+    from crescent.models.prepare import ensure_default_model
     from crescent.services.common.tokenizer import Tokenizer
 
-    return Tokenizer.from_dir(ensure_default_model())
+    return Tokenizer.from_dir(ensure_default_model())  # converted once into the model cache, then reused
 
 
 @pytest.fixture(scope="module", params=["chars", "smollm2"])
