@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 from crescent.proto.v1 import common_pb2
 from crescent.services.gateway.generation import ChoiceState, Delta
 from crescent.services.gateway.schema import envelope
 from crescent.services.gateway.tokens import PromptEncoder
+
+MIN_LOGPROB = -9999.0
+"""What a -inf (or NaN) logprob is sent as, as vLLM does: JSON has no infinity, and strict parsers refuse it."""
+
+
+def finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else MIN_LOGPROB
 
 
 class ChatRenderer:
@@ -32,7 +41,7 @@ class ChatRenderer:
 
     def _entry(self, token_id: int, logprob: float) -> dict:
         text = self.encoder.token_str(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8"))}
 
     def _logprobs(self, logprobs: list[common_pb2.TokenLogprob]) -> dict | None:
         if self.top_logprobs is None:
@@ -72,8 +81,8 @@ class CompletionRenderer:
         for lp in logprobs:
             text = self.encoder.token_str(lp.token_id)
             tokens.append(text)
-            values.append(lp.logprob)
-            tops.append({self.encoder.token_str(t.token_id): t.logprob for t in lp.top[: self.logprobs]})
+            values.append(finite(lp.logprob))
+            tops.append({self.encoder.token_str(t.token_id): finite(t.logprob) for t in lp.top[: self.logprobs]})
             offsets.append(self._offsets[index])
             self._offsets[index] += len(text)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -16,11 +20,12 @@ from crescent.services.common import metrics as m
 from crescent.services.common.model_watch import ModelWatcher
 from crescent.services.gateway import sse
 from crescent.services.gateway.backend import ClusterClient, SubRequest
-from crescent.services.gateway.errors import ApiError
+from crescent.services.gateway.errors import ERROR_RESPONSES, STREAM_RESPONSE, ApiError
 from crescent.services.gateway.generation import Run
 from crescent.services.gateway.render import ChatRenderer, CompletionRenderer, chunk
 from crescent.services.gateway.schema import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     _SamplingFields,
     envelope,
@@ -29,8 +34,13 @@ from crescent.services.gateway.schema import (
 )
 from crescent.services.gateway.settings import GatewaySettings
 from crescent.services.gateway.tokens import PromptEncoder
+from crescent.services.gateway.unsupported import check_supported
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
+T = TypeVar("T")
+MIN_TOP_P = 1e-6
+"""top_p travels as a float32: a positive value below this would round to 0, which the worker refuses. Any top_p
+this small keeps only the most likely token, as 1e-6 does."""
 
 
 @dataclass
@@ -44,6 +54,15 @@ class GatewayState:
     background: list = field(default_factory=list)
     model_watch: ModelWatcher | None = None
     """Set when the model is a published model directory: the version followed for block hashing."""
+    tokenize_pool: ThreadPoolExecutor = field(init=False)
+    """Tokenizing a long prompt takes seconds: it runs here so health and streams keep answering."""
+
+    def __post_init__(self) -> None:
+        self.tokenize_pool = ThreadPoolExecutor(self.settings.tokenizer_threads, thread_name_prefix="tokenize")
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-bound ``fn(*args)`` (tokenize, render a template, hash blocks) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, functools.partial(fn, *args))
 
     @property
     def hash_model_id(self) -> str:
@@ -66,34 +85,37 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": [card]}
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=STREAM_RESPONSE)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = _state(request)
     _check_common(st, body)
-    messages = [{"role": "system" if msg.role == "developer" else msg.role, "content": msg.text()}
-                for msg in body.messages]
-    prompt_ids = st.encoder.chat_ids(messages)
+    if body.top_logprobs is not None and not body.logprobs:  # else the client waits for logprobs that never come
+        raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    messages = [template_message(msg) for msg in body.messages]
     requested = body.requested_max_tokens()
-    budget = st.encoder.check_length(prompt_ids, requested)
+    encoder = st.encoder  # the model watch may swap it meanwhile: one request, one tokenizer
+    prompt_ids = await st.offload(encoder.chat_ids, messages)
+    budget = encoder.check_length(prompt_ids, requested, param="messages")
     max_tokens = budget if requested is not None else min(budget, st.settings.default_max_tokens)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    renderer = ChatRenderer(st.encoder, top)
+    renderer = ChatRenderer(encoder, top)
     return await _serve(st, request, body, [prompt_ids], max_tokens, -1 if top is None else top, renderer, "chat")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=STREAM_RESPONSE)
 async def completions(body: CompletionRequest, request: Request):
     st = _state(request)
+    prompts = body.prompts()
+    if len(prompts) > st.settings.max_prompts:  # each prompt (x n) is a placement: bound the work one body buys
+        raise ApiError(400, f"prompt holds {len(prompts)} prompts; this server takes at most "
+                            f"{st.settings.max_prompts} in one request", param="prompt")
     _check_common(st, body)
-    if body.echo or body.suffix:
-        raise ApiError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
-    prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
-        else [body.prompt]
-    prompt_ids = [st.encoder.text_ids(p) for p in prompts]  # type: ignore[arg-type]
-    max_tokens = min(st.encoder.check_length(ids, body.max_tokens) for ids in prompt_ids)
+    encoder = st.encoder
+    prompt_ids = await st.offload(lambda: [encoder.text_ids(p) for p in prompts])
+    max_tokens = min(encoder.check_length(ids, body.max_tokens, param="prompt") for ids in prompt_ids)
     if body.max_tokens is None:  # an explicit null: bounded like chat's default, not the whole context
         max_tokens = min(max_tokens, st.settings.default_max_tokens)
-    renderer = CompletionRenderer(st.encoder, body.logprobs, len(prompt_ids) * body.n)
+    renderer = CompletionRenderer(encoder, body.logprobs, len(prompt_ids) * body.n)
     logprobs = -1 if body.logprobs is None else body.logprobs
     return await _serve(st, request, body, prompt_ids, max_tokens, logprobs, renderer, "completions")
 
@@ -104,16 +126,23 @@ def _check_common(st: GatewayState, body: _SamplingFields) -> None:
                        param="model", code="model_not_found")
     if body.n > st.settings.max_n:
         raise ApiError(400, f"n must be at most {st.settings.max_n}", param="n")
-    if body.presence_penalty or body.frequency_penalty:
-        raise ApiError(400, "presence_penalty and frequency_penalty are not supported", param="presence_penalty")
+    check_supported(body)
     if not st.ready:
         raise ApiError(503, f"not ready: {st.ready_reason}", retry_after_s=st.settings.ready_poll_s)
+
+
+def template_message(msg: ChatMessage) -> dict:
+    """A message as chat templates take it (they know no "developer" role: it is the system prompt)."""
+    out = {"role": "system" if msg.role == "developer" else msg.role, "content": msg.text()}
+    if msg.name:
+        out["name"] = msg.name
+    return out
 
 
 def _sampling(body: _SamplingFields, max_tokens: int, logprobs: int, choice: int) -> common_pb2.SamplingParams:
     params = common_pb2.SamplingParams(
         temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or -1, max_tokens=max_tokens,
+        top_p=1.0 if body.top_p is None else max(body.top_p, MIN_TOP_P), top_k=body.top_k or -1, max_tokens=max_tokens,
         stop=body.stop_list(), stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos,
         logprobs=logprobs, min_tokens=min(body.min_tokens, max_tokens))
     if body.seed is not None:
@@ -127,8 +156,9 @@ async def _serve(st: GatewayState, request: Request, body: _SamplingFields, prom
     # The client's X-Request-Id is for tracing and need not be unique; the cluster's ids must be.
     internal_id = f"{request_id[:64]}-{uuid.uuid4().hex[:8]}"
     subs = []
-    for p, ids in enumerate(prompts):
-        hashes = prefix_block_hashes(ids, st.settings.kv_block_size, st.hash_model_id)
+    all_hashes = await st.offload(lambda: [prefix_block_hashes(ids, st.settings.kv_block_size, st.hash_model_id)
+                                           for ids in prompts])
+    for p, (ids, hashes) in enumerate(zip(prompts, all_hashes, strict=True)):
         for j in range(body.n):
             k = p * body.n + j
             subs.append(SubRequest(f"{internal_id}-{k}", st.model_id, ids, hashes, _sampling(body, max_tokens,

@@ -5,57 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from crescent.services.common import metrics as m
 from crescent.services.common.model_watch import first_version, watcher_for
 from crescent.services.gateway.backend import ClusterClient
 from crescent.services.gateway.errors import ApiError, install_error_handlers
+from crescent.services.gateway.middleware import BodyLimit, RequestContext
 from crescent.services.gateway.model_follow import watch_gateway_model
 from crescent.services.gateway.routes import GatewayState, router
 from crescent.services.gateway.settings import GatewaySettings
+from crescent.services.gateway.tokenize import router as tokenize_router
 from crescent.services.gateway.tokens import PromptEncoder, load_encoder
 
 log = logging.getLogger(__name__)
-
-
-class RequestContext:
-    """Pure ASGI middleware (streams pass through untouched): request id, API key, in-flight gauge."""
-
-    def __init__(self, app: ASGIApp, api_key: str):
-        self.app = app
-        self.api_key = api_key
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
-            await send(message)
-
-        if self.api_key and scope["path"].startswith("/v1/"):
-            if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}":
-                await ApiError(401, "invalid or missing API key", code="invalid_api_key").response()(
-                    scope, receive, send_with_id)
-                return
-        m.GATEWAY_IN_FLIGHT.inc()
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            m.GATEWAY_IN_FLIGHT.dec()
 
 
 async def _poll_ready(state: GatewayState) -> None:
@@ -72,6 +39,7 @@ def create_app(settings: GatewaySettings, encoder: PromptEncoder | None = None,
                client: ClusterClient | None = None) -> FastAPI:
     """The ASGI app; ``encoder``/``client`` default to the model's tokenizer and the real cluster."""
     model_id = settings.model_id()
+    api_keys = settings.api_keys()  # first: a missing key file must stop the start, before the model loads
     watch = watcher_for(settings.model, settings.served_model_name)  # a published model directory
     if watch is not None:
         watch.accept(first_version(watch))
@@ -95,11 +63,14 @@ def create_app(settings: GatewaySettings, encoder: PromptEncoder | None = None,
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await client.close()
+        state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="crescent", lifespan=lifespan)
     app.state.gateway = state
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(tokenize_router)
+    _openapi_without_422(app)
 
     @app.get("/health")
     async def health(request: Request) -> Response:
@@ -111,8 +82,29 @@ def create_app(settings: GatewaySettings, encoder: PromptEncoder | None = None,
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(RequestContext, api_key=settings.api_key)
+    # add_middleware wraps: the last added runs first (see middleware.py for the order and why)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, api_keys=api_keys)
+    if settings.cors_allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id", "Retry-After"],
+                           allow_credentials=settings.cors_allow_credentials)
     return app
+
+
+def _openapi_without_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every body; validation errors are 400s here (errors.py), so drop it."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            for path in generate()["paths"].values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def serve(settings: GatewaySettings) -> None:

@@ -28,8 +28,8 @@ REPLY = "Hello world, this is crescent."
 class CharTokenizer:
     """Token id = Unicode code point; enough to check the gateway's plumbing."""
 
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return ([1] if add_special_tokens else []) + [ord(c) for c in text]  # 1: a stand-in BOS
 
     def decode(self, ids) -> str:
         return "".join(chr(i) for i in ids)
@@ -48,6 +48,7 @@ class FakeCluster(conductor_pb2_grpc.ConductorServicer, prefill_pb2_grpc.Prefill
         self.placed: list[conductor_pb2.PlaceRequest] = []
         self.cancelled: list[str] = []
         self.seeds: list[int] = []
+        self.sampling: list[common_pb2.SamplingParams] = []  # as prefill received them
         self.lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         conductor_pb2_grpc.add_ConductorServicer_to_server(self, self.server)
@@ -87,6 +88,7 @@ class FakeCluster(conductor_pb2_grpc.ConductorServicer, prefill_pb2_grpc.Prefill
     def Prefill(self, request, context):
         with self.lock:
             self.seeds.append(request.sampling.seed if request.sampling.HasField("seed") else -1)
+            self.sampling.append(request.sampling)
         first = ord(REPLY[0])
         return prefill_pb2.PrefillResponse(first_token_id=first, computed_tokens=len(request.prompt_token_ids),
                                            first_logprob=_logprob(first, request.sampling.logprobs))

@@ -76,6 +76,31 @@ def test_completions_max_tokens_one_and_stop(client):
         assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_min_tokens_holds_off_a_stop_string(client):
+    kw = {"model": TINY_NAME, "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0,
+          "extra_body": {"ignore_eos": True}}
+    text = client.completions.create(**kw).choices[0].text
+    assert text
+    stopped = client.completions.create(**kw, stop=[text[0]])  # the greedy output's very first character
+    assert stopped.choices[0].text == "" and stopped.usage.completion_tokens == 1
+    held = client.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "min_tokens": 5}}, stop=[text[0]])
+    assert held.usage.completion_tokens >= 5 and held.choices[0].text.startswith(text[0])
+
+
+def test_tokenize_counts_what_the_completion_counts(client, cluster):
+    url = cluster[0].gateway_url
+    prompt = "The quick brown fox, héllo 👋"
+    tok = httpx.post(url + "/tokenize", json={"model": TINY_NAME, "prompt": prompt}, timeout=30, trust_env=False)
+    assert tok.status_code == 200 and tok.json()["max_model_len"] == MAX_MODEL_LEN
+    back = httpx.post(url + "/detokenize", json={"tokens": tok.json()["tokens"]}, timeout=30, trust_env=False)
+    assert back.json() == {"prompt": prompt}
+    done = client.completions.create(model=TINY_NAME, prompt=prompt, max_tokens=1)
+    assert done.usage.prompt_tokens == tok.json()["count"]
+    messages = [{"role": "user", "content": prompt}]
+    chat_tok = httpx.post(url + "/tokenize", json={"messages": messages}, timeout=30, trust_env=False).json()
+    assert _chat(client, prompt, max_tokens=1).usage.prompt_tokens == chat_tok["count"]
+
+
 def test_n_two_choices_with_seed(client):
     kw = {"max_tokens": 4, "n": 2, "seed": 3, "temperature": 1.0, "extra_body": {"ignore_eos": True}}
     reply = _chat(client, "Say something.", **kw)
@@ -94,7 +119,7 @@ def test_errors(client, cluster):
     assert bad.value.body["type"] == "invalid_request_error"
     r = httpx.post(plan.gateway_url + "/v1/completions", trust_env=False, timeout=30,
                    json={"model": TINY_NAME, "prompt": [1] * (MAX_MODEL_LEN + 10)})
-    assert r.status_code == 413 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_shared_prefix_is_loaded_not_recomputed_and_output_unchanged(client, cluster):

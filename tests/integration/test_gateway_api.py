@@ -124,7 +124,8 @@ def test_errors_are_openai_json(client, base_url):
         client.chat.completions.create(model=MODEL, messages=[], max_tokens=0)
     assert bad.value.status_code == 400 and "messages" in bad.value.body["message"]
     too_long = httpx.post(base_url + "/v1/completions", json={"model": MODEL, "prompt": "y" * 300}, timeout=5)
-    assert too_long.status_code == 413 and too_long.json()["error"]["code"] == "context_length_exceeded"
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+    assert too_long.json()["error"]["param"] == "prompt"
     not_json = httpx.post(base_url + "/v1/chat/completions", content=b"{", timeout=5,
                           headers={"content-type": "application/json"})
     assert not_json.status_code == 400 and "error" in not_json.json()
