@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
-# what `crescent up` prints when it does not know a flag (argparse), e.g. a mode this checkout does not have yet
+# what `crescent up` prints when it rejects a flag's value (argparse)
 REJECTED_FLAG = ("unrecognized arguments", "invalid choice")
 
 
@@ -106,6 +106,14 @@ def _healthy(base_url: str) -> bool:
         return httpx.get(base_url + "/health", timeout=2.0, trust_env=False).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def crescent_up_has_mode() -> bool:
+    """Whether this checkout's `crescent up` has --mode. Asked of its --help, not by trying: argparse takes an
+    unknown ``--mode agg`` as an abbreviation of ``--model`` and would serve a model named "agg"."""
+    help_text = subprocess.run([sys.executable, "-m", "crescent.services.cli", "up", "--help"], cwd=REPO,
+                               capture_output=True, text=True, timeout=120, check=False).stdout
+    return "--mode " in help_text or "--mode\n" in help_text
 
 
 def crescent_server(model_dir: Path, served_name: str, mode: str, dtype: str, log_dir: Path,

@@ -25,7 +25,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.results_io import write_result
-from bench.serving.servers import REPO, Server, ServerStartError, crescent_server, vllm_server
+from bench.serving.servers import (
+    REPO,
+    Server,
+    ServerStartError,
+    crescent_server,
+    crescent_up_has_mode,
+    vllm_server,
+)
 
 METRICS = ("output_throughput", "median_ttft_ms", "median_tpot_ms")
 KEPT = ("completed", "failed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput",
@@ -91,13 +98,20 @@ def serve_and_bench(server: Server, vllm_bin: Path, model_dir: Path, served_name
     try:
         for repeat in range(args.repeats):
             for sc in todo:
-                metrics = run_bench(vllm_bin, server, model_dir, served_name, sc, args, work,
-                                    f"{server.name}-{sc.name}-{repeat}")
-                runs.append({"system": server.name, "scenario": sc.name, "repeat": repeat,
-                             "server_start_s": server.started_s, **metrics})
-                print(f"  {sc.name} #{repeat}: {metrics['output_throughput']:.1f} out tok/s, median TTFT "
-                      f"{metrics['median_ttft_ms']:.0f} ms, median TPOT {metrics['median_tpot_ms']:.1f} ms, "
-                      f"failed {metrics['failed']}", flush=True)
+                run = {"system": server.name, "scenario": sc.name, "repeat": repeat,
+                       "server_start_s": server.started_s}
+                try:
+                    run.update(run_bench(vllm_bin, server, model_dir, served_name, sc, args, work,
+                                         f"{server.name}-{sc.name}-{repeat}"))
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:  # kept as a failed run; the rest go on
+                    run.update({k: None for k in KEPT}, bench_error=str(exc))
+                    print(f"  {sc.name} #{repeat}: {exc}", flush=True)
+                    runs.append(run)
+                    continue
+                runs.append(run)
+                print(f"  {sc.name} #{repeat}: {run['output_throughput']:.1f} out tok/s, median TTFT "
+                      f"{run['median_ttft_ms']:.0f} ms, median TPOT {run['median_tpot_ms']:.1f} ms, "
+                      f"failed {run['failed']} of {run['completed'] + run['failed']}", flush=True)
     finally:
         server.stop(args.stop_timeout_s)
     return runs
@@ -115,9 +129,9 @@ def compare(runs: list[dict], todo: list[Scenario], systems: list[str]) -> dict:
         for sc in todo:
             ours = {k: median_of(runs, system, sc.name, k) for k in METRICS}
             theirs = {k: median_of(runs, "vllm", sc.name, k) for k in METRICS}
-            if None in ours.values() or None in theirs.values():
-                continue
-            ratio = {k: ours[k] / theirs[k] if theirs[k] else None for k in METRICS}
+            if None in ours.values() or not all(theirs.values()):
+                continue  # a side with no finished run: nothing to compare (its runs say why)
+            ratio = {k: ours[k] / theirs[k] for k in METRICS}
             failed = sum(r["failed"] or 0 for r in runs if r["scenario"] == sc.name
                          and r["system"] in (system, "vllm"))
             goals = {"output_tok_s_ge_1.0x": ratio["output_throughput"] >= 1.0,
@@ -142,7 +156,8 @@ def plot(runs: list[dict], todo: list[Scenario], systems: list[str]):
     for ax, key in zip(axes, METRICS, strict=True):
         for i, system in enumerate(names):
             for j, sc in enumerate(todo):  # every run as a dot, the median as the bar
-                values = [r[key] for r in runs if r["system"] == system and r["scenario"] == sc.name]
+                values = [r[key] for r in runs if r["system"] == system and r["scenario"] == sc.name
+                          and r[key] is not None]
                 if values:
                     x = j + (i - (len(names) - 1) / 2) * width
                     ax.bar(x, statistics.median(values), width, color=f"C{i}", label=system if j == 0 else None)
@@ -198,21 +213,29 @@ def main() -> None:
     notes: list[str] = []
     systems: list[str] = []
     argvs: dict[str, list[str]] = {}
+    has_mode = crescent_up_has_mode()
     for mode in args.modes.split(","):
+        if mode != "disagg" and not has_mode:
+            notes.append(f"mode {mode!r} skipped: this checkout's `crescent up` has no --mode flag")
+            print(notes[-1], flush=True)
+            continue
         server = crescent_server(model_dir, served_name, mode, args.dtype, work, args.start_timeout_s)
         argvs[server.name] = server.argv
         try:
             runs += serve_and_bench(server, vllm_bin, model_dir, served_name, todo, args, work)
             systems.append(server.name)
-        except ServerStartError as exc:
-            if not exc.rejected_flag:
-                raise
-            notes.append(f"mode {mode!r} skipped: `crescent up` rejected it: {exc.log_tail.splitlines()[-1]}")
+        except ServerStartError as exc:  # recorded, and the other servers still run
+            what = "rejected it" if exc.rejected_flag else "did not start"
+            notes.append(f"mode {mode!r} skipped: `crescent up` {what}: {exc.log_tail.splitlines()[-1:]}")
             print(notes[-1], flush=True)
     vllm = vllm_server(vllm_bin, model_dir, served_name, args.dtype, args.vllm_kv_cache_gib, work,
                        args.vllm_args.split())
     argvs[vllm.name] = vllm.argv
-    runs += serve_and_bench(vllm, vllm_bin, model_dir, served_name, todo, args, work)
+    try:
+        runs += serve_and_bench(vllm, vllm_bin, model_dir, served_name, todo, args, work)
+    except ServerStartError as exc:
+        notes.append(f"vllm serve did not start: {exc.log_tail.splitlines()[-1:]}")
+        print(notes[-1], flush=True)
     comparison = compare(runs, todo, systems)
     for key, c in comparison.items():
         r = c["ratio_vs_vllm"]
