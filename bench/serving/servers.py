@@ -111,7 +111,7 @@ def _healthy(base_url: str) -> bool:
 def crescent_up_has_mode() -> bool:
     """Whether this checkout's `crescent up` has --mode. Asked of its --help, not by trying: argparse takes an
     unknown ``--mode agg`` as an abbreviation of ``--model`` and would serve a model named "agg"."""
-    help_text = subprocess.run([sys.executable, "-m", "crescent.services.cli", "up", "--help"], cwd=REPO,
+    help_text = subprocess.run([sys.executable, "-m", "crescent.cli", "up", "--help"], cwd=REPO,
                                capture_output=True, text=True, timeout=120, check=False).stdout
     return "--mode " in help_text or "--mode\n" in help_text
 
@@ -120,7 +120,7 @@ def crescent_server(model_dir: Path, served_name: str, mode: str, dtype: str, lo
                     start_timeout_s: float) -> Server:
     """`crescent up` in ``mode``; the default mode ("disagg") passes no --mode flag, as a user would type it."""
     port = free_port()
-    argv = [sys.executable, "-m", "crescent.services.cli", "up", "--model", str(model_dir), "--served-model-name",
+    argv = [sys.executable, "-m", "crescent.cli", "up", "--model", str(model_dir), "--served-model-name",
             served_name, "--host", "127.0.0.1", "--port", str(port), "--free-ports",
             "--log-dir", str(log_dir / f"crescent-{mode}"), "--startup-timeout-s", str(start_timeout_s)]
     if mode != "disagg":
