@@ -96,6 +96,15 @@ def test_lone_surrogates_are_400_on_an_open_connection(http, raw):
     _still_open(http)
 
 
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"", b"{", b"[]", b"null", b"[" * 30_000 + b"]" * 30_000],
+                         ids=["not-utf8", "empty", "truncated", "list", "null", "nested-30k"])
+def test_bodies_that_are_no_json_object_are_400(http, raw):
+    r = http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    _error(r, 400, param=None)
+    assert r.json()["error"]["param"] is None
+    _still_open(http)
+
+
 def test_a_surrogate_pair_is_one_character_and_served(http):
     raw = '{"model": "fake-model", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "max_tokens": 2}'
     assert _post_raw(http, "/v1/chat/completions", raw).status_code == 200

@@ -56,7 +56,6 @@ class RequestContext:
 
         if self.key_digests and scope["path"] not in OPEN_PATHS \
                 and not self.authorized(headers.get(b"authorization", b"")):
-            count_outcome(scope["path"], 401)
             await ApiError(401, "invalid or missing API key", code="invalid_api_key").response()(
                 scope, receive, send_with_id)
             return
