@@ -236,3 +236,6 @@ def rope_type(scaling: dict[str, Any] | None) -> str:
         raise ValueError(f"rope_scaling of type {kind!r} needs a 'factor'")
     return kind
 
+
+class ModelLoadError(RuntimeError):
+    """A model folder is missing, incomplete or inconsistent (here, not in loader.py: raising it needs no torch)."""

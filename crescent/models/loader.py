@@ -14,16 +14,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from crescent.models.config import ModelConfig
+from crescent.models.config import ModelConfig, ModelLoadError
 from crescent.models.llama import LlamaForCausalLM
 from crescent.services.common.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
                    "special_tokens_map.json")
-
-
-class ModelLoadError(RuntimeError):
-    """A model folder is missing, incomplete or inconsistent."""
 
 
 def load_config(path: str | Path) -> ModelConfig:

