@@ -271,3 +271,23 @@ def test_an_unusable_key_file_stops_the_start(tmp_path, content):
     with pytest.raises((OSError, ValueError)):
         create_app(GatewaySettings(served_model_name=MODEL, api_key_file=str(key_file)),
                    encoder=PromptEncoder(CharTokenizer(), max_model_len=200))
+
+
+class BrokenTokenizer(CharTokenizer):
+    """A bug stand-in: tokenizing "boom" raises what no handler expects."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if text == "boom":
+            raise RuntimeError("a bug")
+        return super().encode(text, add_special_tokens)
+
+
+def test_an_unexpected_error_is_a_500_that_keeps_the_connection(cluster):
+    with running_gateway(cluster.address, BrokenTokenizer()) as url, httpx.Client(base_url=url, timeout=10) as http:
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "boom", "max_tokens": 1})
+        err = _error(r, 500)
+        assert err["type"] == "server_error" and "RuntimeError" in err["message"]
+        port = r.extensions["network_stream"].get_extra_info("client_addr")
+        again = http.post("/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 1})
+        assert again.status_code == 200
+        assert again.extensions["network_stream"].get_extra_info("client_addr") == port  # the same connection
