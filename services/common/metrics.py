@@ -21,6 +21,8 @@ GATEWAY_REQUESTS = Counter("crescent_gateway_requests_total", "Finished HTTP API
                            ["endpoint", "outcome"])  # outcome: ok, rejected, bad_request, not_found, error, cancelled
 GATEWAY_REJECTIONS = Counter("crescent_gateway_rejections_total", "Requests the conductor rejected, by reason.",
                              ["reason"])
+GATEWAY_RESUMES = Counter("crescent_gateway_stream_resumes_total",
+                          "Choices placed again after their prefill or decode worker died mid-request.")
 GATEWAY_TTFT = Histogram("crescent_gateway_time_to_first_token_seconds", "Time from request to first token.",
                          buckets=LATENCY_BUCKETS)
 GATEWAY_ITL = Histogram("crescent_gateway_inter_token_latency_seconds", "Gap between consecutive streamed tokens.",
