@@ -49,7 +49,7 @@ def _serve(argv: list[str]) -> int:
     role = argv[0]
     settings_ref, serve_ref = ROLES[role]
     cls = load(settings_ref)
-    parser = argparse.ArgumentParser(prog=f"crescent serve {role}", description=cls.__doc__)
+    parser = argparse.ArgumentParser(prog=f"crescent serve {role}", description=cls.__doc__, allow_abbrev=False)
     add_settings_flags(parser, cls)
     try:
         settings = settings_from_flags(cls, parser.parse_args(argv[1:]))
@@ -129,7 +129,8 @@ def _bench(argv: list[str]) -> int:
 
 # --- crescent up ----------------------------------------------------------------------------------------------
 def _up_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crescent up", description="Run the whole cluster on this machine.")
+    p = argparse.ArgumentParser(prog="crescent up", description="Run the whole cluster on this machine.",
+                                allow_abbrev=False)  # `--mode` must never be read as `--model`
     p.add_argument("model_arg", nargs="?", metavar="MODEL", default=None,
                    help="the model to serve, as `vllm serve MODEL`: 'default', a folder, a published model directory "
                         "or a Hugging Face id in the local HF cache (same as --model)")
