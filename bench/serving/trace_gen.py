@@ -63,15 +63,18 @@ def long_context_documents(n: int, rate_per_s: float, seed: int = 0, documents: 
 
 def agent_sessions(n: int, rate_per_s: float, seed: int = 0, agents: int = 4, system_blocks: tuple[int, int] = (6, 12),
                    turns: tuple[int, int] = (3, 10), tool_blocks: tuple[int, int] = (1, 4),
-                   think_s: tuple[float, float] = (1.0, 6.0), output: tuple[int, int] = (16, 192),
+                   think_s: tuple[float, float] = (0.2, 2.0), output: tuple[int, int] = (16, 192),
                    ) -> list[TraceRequest]:
-    """Sessions start as a Poisson process at ``rate_per_s`` / mean turns; each turn re-sends the history."""
+    """Sessions start as a Poisson process at ``rate_per_s`` / mean turns (so requests arrive at about
+    ``rate_per_s`` once sessions overlap); each turn re-sends the history."""
     rng, ids = random.Random(seed), _Ids()
     systems = [ids.take(rng.randint(*system_blocks)) for _ in range(agents)]
     mean_turns = sum(turns) / 2
     out: list[TraceRequest] = []
     start = 0.0
-    while len(out) < n:
+    # Sessions keep starting until the n-th earliest request's time has passed: cutting at n generated requests
+    # instead would keep only the first sessions, spread thin over their think times.
+    while len(out) < n or start < sorted(r.arrival_s for r in out)[n - 1]:
         start += rng.expovariate(rate_per_s / mean_turns)
         history, t = systems[rng.randrange(agents)] + ids.take(1), start
         for _ in range(rng.randint(*turns)):
@@ -131,5 +134,6 @@ def scale_tokens(trace: list[TraceRequest], input_divisor: int, output_divisor: 
     """
     if input_divisor <= 0 or output_divisor <= 0 or BLOCK % input_divisor:
         raise ValueError(f"divisors must be positive and input_divisor must divide {BLOCK}")
-    return [replace(r, input_length=max(1, -(-r.input_length // input_divisor)),
+    # Floor, not ceiling: a prompt 1-31 tokens short of a full block must stay short of it once shrunk.
+    return [replace(r, input_length=max(1, r.input_length // input_divisor),
                     output_length=max(1, round(r.output_length / output_divisor))) for r in trace]

@@ -51,7 +51,7 @@ SUITE: dict[str, TraceSpec] = {
     "conversation": TraceSpec(_conversation),
     "long_documents": TraceSpec(lambda n: trace_gen.long_context_documents(n, rate_per_s=16.0, seed=1),
                                 long_context=True),
-    "agent_sessions": TraceSpec(lambda n: trace_gen.agent_sessions(n, rate_per_s=90.0, seed=2)),
+    "agent_sessions": TraceSpec(lambda n: trace_gen.agent_sessions(n, rate_per_s=400.0, seed=2)),
     "bursty_chat": TraceSpec(lambda n: trace_gen.bursty_chat(n, rate_per_s=45.0, seed=3)),
     "oscillating_decode": TraceSpec(lambda n: trace_gen.oscillating_decode(n, rate_per_s=30.0, seed=4)),
 }

@@ -27,6 +27,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+MIN_GAPS_TO_LEARN = 8  # output tokens a finished request needs before its mean gap corrects the planner
+
 
 @dataclass
 class InFlight:
@@ -92,7 +94,9 @@ class Ledger:
                 self.mean_output_tokens = (1 - w) * self.mean_output_tokens + w * completion_tokens
             if mean_tbt_s is not None and mean_tbt_s > 0:
                 self.mean_tbt_s = mean_tbt_s if self.mean_tbt_s == 0 else (1 - w) * self.mean_tbt_s + w * mean_tbt_s
-                if entry is not None and entry.predicted_tbt_s > 0:
+                # Short outputs say little: their mean gap is mostly the first one, which also waits for the
+                # step in progress to end before joining.
+                if entry is not None and entry.predicted_tbt_s > 0 and (completion_tokens or 0) >= MIN_GAPS_TO_LEARN:
                     # Clamped: one request stuck behind a KV-blocked head must not swing admission by itself.
                     ratio = min(4.0, max(0.25, mean_tbt_s / entry.predicted_tbt_s))
                     self.tbt_correction = (1 - w) * self.tbt_correction + w * ratio
