@@ -156,14 +156,11 @@ class Ledger:
         return n, kv
 
     def predict_decode_change(self, decode_id: str, reported_at: float, now: float, at: float,
-                              waiting: int = 0, until: float | None = None) -> tuple[int, int, int]:
+                              waiting: int = 0) -> tuple[int, int, int]:
         """(batch, context tokens, KV tokens) to add to ``decode_id``'s load reported at ``reported_at`` to
         forecast it at ``at`` (>= ``now``); ``waiting`` = requests the report shows queued for KV (not in its
-        used KV). Admitted requests landing up to ``until`` (default ``at``) count too: a new request shares the
-        batch for its whole decode, so the ones landing right after it slow it as much as those before.
-        See the module docstring for what is added and removed.
+        used KV). See the module docstring for what is added and removed.
         """
-        until = at if until is None else max(at, until)
         with self._lock:
             self.clock = max(self.clock, now)
             n_done, kv_done = self._finished_since(decode_id, reported_at, now)
@@ -173,7 +170,7 @@ class Ledger:
                 if e.decode_id != decode_id:
                     continue
                 if e.decode_start > reported_at:  # not in the report yet: lands before `at`, or after us
-                    if e.decode_start <= until:
+                    if e.decode_start <= at:
                         batch, context, kv = batch + 1, context + e.prompt_tokens, kv + e.kv_tokens
                     continue
                 reported_kv, reported_n = reported_kv + e.kv_tokens, reported_n + 1
