@@ -36,24 +36,37 @@ LOADS = (0.75, 1.0, 1.5, 2.0)  # x each trace's nominal rate (about what the clu
 
 @dataclasses.dataclass(frozen=True)
 class TraceSpec:
-    """One trace of the suite: how to build it at its nominal rate, and whether it is long-context."""
+    """One trace of the suite: a generator and its arguments at the nominal rate, and whether it is long-context.
 
-    build: Callable[[int], list[TraceRequest]]  # requests -> trace at the nominal rate (512-token blocks)
+    Kept as data (not a closure) so that every result's config records exactly what ran.
+    """
+
+    make: Callable[..., list[TraceRequest]]  # (n, **kwargs) -> trace in 512-token blocks
+    kwargs: dict = dataclasses.field(default_factory=dict)
     long_context: bool = False
 
+    def build(self, n: int) -> list[TraceRequest]:
+        return self.make(n, **self.kwargs)
 
-def _conversation(n: int) -> list[TraceRequest]:
-    # The trace's own rate (about 3 requests/s) x 4 is about what 4 CPU prefill instances serve.
-    return trace_gen.speed_up(load_trace(DEFAULT_TRACE, limit=n), 4.0)
+    @property
+    def text(self) -> str:
+        return f"{self.make.__name__}(n, {', '.join(f'{k}={v!r}' for k, v in self.kwargs.items())})"
 
 
+def conversation(n: int, speedup: float = 4.0) -> list[TraceRequest]:
+    """The FAST'25 conversation trace's first ``n`` requests; its own rate (about 3 requests/s) x 4 is about
+    what 4 CPU prefill instances serve."""
+    return trace_gen.speed_up(load_trace(DEFAULT_TRACE, limit=n), speedup)
+
+
+# Periods are short enough that a --quick trace (400 requests, ~10 s) spans several bursts and swings.
 SUITE: dict[str, TraceSpec] = {
-    "conversation": TraceSpec(_conversation),
-    "long_documents": TraceSpec(lambda n: trace_gen.long_context_documents(n, rate_per_s=16.0, seed=1),
+    "conversation": TraceSpec(conversation, {"speedup": 4.0}),
+    "long_documents": TraceSpec(trace_gen.long_context_documents, {"rate_per_s": 16.0, "seed": 1},
                                 long_context=True),
-    "agent_sessions": TraceSpec(lambda n: trace_gen.agent_sessions(n, rate_per_s=400.0, seed=2)),
-    "bursty_chat": TraceSpec(lambda n: trace_gen.bursty_chat(n, rate_per_s=45.0, seed=3)),
-    "oscillating_decode": TraceSpec(lambda n: trace_gen.oscillating_decode(n, rate_per_s=30.0, seed=4)),
+    "agent_sessions": TraceSpec(trace_gen.agent_sessions, {"rate_per_s": 400.0, "seed": 2}),
+    "bursty_chat": TraceSpec(trace_gen.bursty_chat, {"rate_per_s": 90.0, "seed": 3, "period_s": 3.0}),
+    "oscillating_decode": TraceSpec(trace_gen.oscillating_decode, {"rate_per_s": 40.0, "seed": 4, "period_s": 6.0}),
 }
 
 
@@ -139,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"goal {key}: {value}")
     hardware = MeasuredHardware.from_samples(CostModel.load(PLANNER), Samples.load(SAMPLES), seed=args.seed)
     sim = base_config(hardware, CostModel())
-    config = {"requests_per_trace": requests, "loads": list(LOADS), "traces": list(traces),
+    config = {"requests_per_trace": requests, "loads": list(LOADS), "traces": {t: SUITE[t].text for t in traces},
               "input_divisor": INPUT_DIVISOR, "output_divisor": OUTPUT_DIVISOR,
               "planner_cost_model": str(PLANNER.relative_to(COST_MODELS.parents[2])),
               "hardware": "bootstrapped refit of the planner's calibration samples + per-op measured spread; "
