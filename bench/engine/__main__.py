@@ -68,10 +68,11 @@ def plot(results: dict):
     axes[0, 0].legend()
     b = results["batch"]
     axes[0, 1].bar(names, [b["hf"]["total_tok_s"], b["crescent"]["total_tok_s"]], color=["gray", "tab:blue"])
-    axes[0, 1].set_title(f"batch-16 mixed, total tok/s ({b['speedup']:.2f}x)")
+    axes[0, 1].set_title(f"batch-{len(b['prompt_lens'])} mixed, total tok/s ({b['speedup']:.2f}x)")
     d = results["decode32"]
     axes[0, 2].bar(names, [d["hf"]["output_tok_s"], d["crescent"]["output_tok_s"]], color=["gray", "tab:blue"])
-    axes[0, 2].set_title(f"32 x 128/128, output tok/s ({d['speedup']:.2f}x)")
+    shape = f"{len(d['prompt_lens'])} x {d['prompt_lens'][0]}/{d['out_lens'][0]}"
+    axes[0, 2].set_title(f"{shape}, output tok/s ({d['speedup']:.2f}x)")
     for ax, (workload, metric) in zip(axes[1], WORKLOAD_METRIC.items(), strict=True):
         vs = results["vs_vllm"]
         dtypes = list(vs["by_dtype"])
