@@ -136,7 +136,8 @@ def versus_vllm(ours: dict, theirs: dict, batches: dict) -> dict:
     return out
 
 
-def run_vs_vllm(args, folder: str, prompt: list[int], batches: dict, fp32_runs: dict) -> dict:
+def run_vs_vllm(args, folder: str, settings: EngineSettings, prompt: list[int], batches: dict,
+                fp32_runs: dict) -> dict:
     """vLLM at each dtype in a .venv-vllm subprocess; crescent at the same dtype (fp32 reuses the HF run's)."""
     result: dict = {"by_dtype": {}, "notes": []}
     python = vllm_contender.vllm_python(Path(args.vllm_venv))
@@ -153,8 +154,8 @@ def run_vs_vllm(args, folder: str, prompt: list[int], batches: dict, fp32_runs: 
             engine, _ = crescent_engine(folder, dtype, args.threads)
             ours = crescent_runs(engine, prompt, args, batches)
             del engine
-        theirs = vllm_contender.run_vllm(python, folder, dtype, args.threads, wire["single"], wire["batches"],
-                                         args.repeats, args.vllm_timeout_s)
+        theirs = vllm_contender.run_vllm(python, folder, dtype, args.threads, vllm_contender.engine_args(settings),
+                                         wire["single"], wire["batches"], args.repeats, args.vllm_timeout_s)
         result["by_dtype"][dtype] = versus_vllm(ours, theirs, batches)
     result["meets_goal"] = all(w["meets_goal"] for d in result["by_dtype"].values() for w in d.values()
                                if isinstance(w, dict) and "meets_goal" in w)
@@ -203,7 +204,7 @@ def main() -> None:
     both = {name: (summarize(raw[name][0], *batches[name]), summarize(raw[name][1], *batches[name]))
             for name in batches}
     del hf
-    vs_vllm = run_vs_vllm(args, folder, prompt, batches, {"single_trials": fp32_single,
+    vs_vllm = run_vs_vllm(args, folder, settings, prompt, batches, {"single_trials": fp32_single,
                                                           "batches": {k: v[0] for k, v in raw.items()}})
 
     results = {
