@@ -182,6 +182,7 @@ def up(argv: list[str]) -> int:
     try:
         plan = plan_local_cluster(model, name, gateway_host=args.host, gateway_port=args.port,
                                   prefill=args.prefill, decode=args.decode, free_ports=args.free_ports)
+        group.env = plan.child_env()  # one internal token for this run's services (random unless set)
         for p in plan.processes:
             group.start(p.name, p.argv, p.health)
         print(f"starting crescent ({name}); logs in {log_dir}", flush=True)
