@@ -102,29 +102,42 @@ def _with_token(details, token: str):
     return details._replace(metadata=metadata)
 
 
-class _AioTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                           grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-    """Adds the token to every call of an aio channel (one object serves all four call kinds)."""
-
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, token: str):
         self.token = token
 
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(_with_token(details, self.token), request)
 
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str):
+        self.token = token
+
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(_with_token(details, self.token), request)
 
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, token: str):
+        self.token = token
+
     async def intercept_stream_unary(self, continuation, details, request_iterator):
         return await continuation(_with_token(details, self.token), request_iterator)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, token: str):
+        self.token = token
 
     async def intercept_stream_stream(self, continuation, details, request_iterator):
         return await continuation(_with_token(details, self.token), request_iterator)
 
 
 def aio_channel(address: str, token: str, options: list) -> grpc.aio.Channel:
-    """An aio channel to an internal service whose calls carry ``token`` (none when empty)."""
-    interceptors = [_AioTokenInterceptor(token)] if token else None
+    """An aio channel to an internal service whose calls, of every kind, carry ``token`` (none when empty)."""
+    # one interceptor object per call kind: the aio channel files each object under the first kind it matches
+    interceptors = [kind(token) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)] if token else None
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 

@@ -212,9 +212,9 @@ def test_decode_crash_is_dropped_and_traffic_continues(client, cluster):
     plan, group, tmp = cluster
     group.kill("decode-1")
     killed_at = time.monotonic()
-    import grpc
+    from crescent.services.common.auth import sync_channel
 
-    with grpc.insecure_channel(plan.conductor_address) as channel:
+    with sync_channel(plan.conductor_address, plan.internal_token, [("grpc.enable_http_proxy", 0)]) as channel:
         stub = conductor_pb2_grpc.ConductorStub(channel)
         while time.monotonic() - killed_at < 10:
             live = stub.ListInstances(conductor_pb2.ListInstancesRequest(), timeout=5).instances
