@@ -21,7 +21,6 @@ from itertools import repeat
 import numpy as np
 
 from crescent.services.common import metrics
-from crescent.services.common.auth import token_matches
 from crescent.services.kvstore import wire as p
 from crescent.services.kvstore.blocks import MAX_META_BYTES, BlockKey, crc_update
 from crescent.services.kvstore.crc_pipeline import verify_all
@@ -128,19 +127,14 @@ class DataServer:
     def _authenticate(self, session: Session) -> bool:
         """Read the connection's first frame: AUTH with the token, or the connection is refused and closed before
         any other frame's body (or block) is read."""
-        sock = session.sock
-        p.set_io_timeout(sock, self.io_timeout_s)  # a stranger that connects and says nothing is dropped
-        head = p.recv_exact(sock, p.HEADER.size)
+        p.set_io_timeout(session.sock, self.io_timeout_s)  # a stranger that connects and says nothing is dropped
         try:
-            op, _, _, body_len, payload_len = p.unpack_header(head)
+            op, refused = p.check_auth(session.sock, self.internal_token)
         except p.ProtocolError as exc:
             return self._refuse(session, 0, "bad_frame", str(exc))
-        if op != p.Op.AUTH or payload_len or body_len > p.MAX_TOKEN_BYTES:
-            return self._refuse(session, op, "unauthenticated", "this kvstore needs the internal token: a "
-                                "connection's first frame must be AUTH (set the client's internal_token)")
-        if not token_matches(bytes(p.recv_exact(sock, body_len)), self.internal_token):
-            return self._refuse(session, op, "unauthenticated", "wrong internal token")
-        p.send_all(sock, [p.pack_header(p.Op.AUTH, 0, 0, 0)])
+        if refused:
+            return self._refuse(session, op, "unauthenticated", refused)
+        p.send_all(session.sock, [p.pack_header(p.Op.AUTH, 0, 0, 0)])
         return True
 
     def _auth_again(self, session: Session, op: p.Op, count: int, body: bytearray, payload_len: int) -> None:

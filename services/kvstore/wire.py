@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from crescent.services.common.auth import token_matches
 from crescent.services.kvstore.blocks import MAX_MODEL_ID_BYTES
 from crescent.settings import MAX_INTERNAL_TOKEN_CHARS
 
@@ -194,6 +195,18 @@ def drain(sock: socket.socket, size: int, scratch: memoryview) -> None:
 def auth_frame(token: str) -> list[bytes]:
     body = token.encode()
     return [pack_header(Op.AUTH, 0, len(body), 0), body]
+
+
+def check_auth(sock: socket.socket, token: str) -> tuple[Op, str]:
+    """Read a connection's first frame and check that it is AUTH with ``token``: (its op, why it is refused; ''
+    = accepted). Only an AUTH frame's body is read; ProtocolError on a malformed header."""
+    op, _, _, body_len, payload_len = unpack_header(recv_exact(sock, HEADER.size))
+    if op != Op.AUTH or payload_len or body_len > MAX_TOKEN_BYTES:
+        return op, ("this kvstore needs the internal token: a connection's first frame must be AUTH (set the "
+                    "client's internal_token)")
+    if not token_matches(bytes(recv_exact(sock, body_len)), token):
+        return op, "wrong internal token"
+    return op, ""
 
 
 def send_error(sock: socket.socket, op: int, message: str) -> None:
