@@ -203,6 +203,7 @@ def up(argv: list[str]) -> int:
             extra = {role: {"max_model_len": args.max_model_len} for role in ("gateway", "prefill", "decode")}
         plan = plan_local_cluster(model, name, gateway_host=args.host, gateway_port=args.port,
                                   prefill=args.prefill, decode=args.decode, free_ports=args.free_ports, extra=extra)
+        group.env = {**plan.child_env(), **(group.env or {})}  # one internal token for this run (random unless set)
         for p in plan.processes:
             group.start(p.name, p.argv, p.health)
         print(f"starting crescent ({name}); logs in {log_dir}", flush=True)

@@ -55,7 +55,8 @@ def _store_serve(conn, settings_kwargs: dict) -> None:
     from crescent.services.kvstore.settings import KvStoreSettings
 
     logging.basicConfig(level=logging.WARNING)
-    handle = run_in_thread(KvStoreSettings(**settings_kwargs))
+    # no internal token, whatever the environment says: the handshake is once per connection, not what is measured
+    handle = run_in_thread(KvStoreSettings(**{"internal_token": "", "internal_token_file": "", **settings_kwargs}))
     freeze_startup_heap()  # this process is the store, as `crescent serve kvstore` is
     conn.send(handle.data_address)
     conn.recv()

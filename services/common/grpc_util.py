@@ -10,6 +10,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
+from crescent.services.common import auth
+
 log = logging.getLogger(__name__)
 
 # Large enough for a batch of KV blocks or a long prompt; the default 4 MiB is not.
@@ -36,12 +38,15 @@ SERVER_OPTIONS = [
 
 
 class GrpcServer:
-    """An asyncio gRPC server with the standard health service; serving status flips with :meth:`set_serving`."""
+    """An asyncio gRPC server with the standard health service; serving status flips with :meth:`set_serving`.
 
-    def __init__(self, host: str, port: int, service_name: str):
+    ``internal_token``: every call but health checks must carry it (:mod:`auth`); empty = no authentication.
+    """
+
+    def __init__(self, host: str, port: int, service_name: str, internal_token: str = ""):
         self.address = f"{host}:{port}"
         self.service_name = service_name
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=auth.server_interceptors(internal_token))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         bound = self.server.add_insecure_port(self.address)
@@ -69,15 +74,17 @@ class GrpcServer:
 
 
 class ChannelPool:
-    """One insecure aio channel per address, reused across requests (a channel per request costs a handshake)."""
+    """One aio channel per address, reused across requests (a channel per request costs a handshake); every call
+    on them carries ``internal_token`` (empty = none)."""
 
-    def __init__(self) -> None:
+    def __init__(self, internal_token: str = "") -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._token = internal_token
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = auth.aio_channel(address, self._token, CHANNEL_OPTIONS)
             self._channels[address] = channel
         return channel
 
@@ -87,7 +94,7 @@ class ChannelPool:
 
 
 async def check_health(address: str, timeout_s: float = 1.0, service: str = "") -> bool:
-    """True when the gRPC server at ``address`` reports SERVING."""
+    """True when the gRPC server at ``address`` reports SERVING (health needs no internal token)."""
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -21,6 +22,8 @@ from typing import IO
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from crescent.settings import CrescentSettings
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +207,12 @@ class ClusterPlan:
     processes: list[ProcessPlan]
     gateway_url: str
     conductor_address: str
+    internal_token: str = ""  # every child's (see child_env); tests and tools calling internal services use it
+
+    def child_env(self) -> dict[str, str]:
+        """What every child's environment gets: the cluster's internal token (the file, if one was set, is read
+        here already; a child given both would refuse to start)."""
+        return {"CRESCENT_INTERNAL_TOKEN": self.internal_token, "CRESCENT_INTERNAL_TOKEN_FILE": ""}
 
     def metrics_urls(self, role: str) -> list[str]:
         return [f"http://127.0.0.1:{p.metrics_port}/metrics" for p in self.processes
@@ -253,13 +262,19 @@ def plan_local_cluster(model: str, served_model_name: str, *, gateway_host: str 
     gateway_argv = serve_argv("gateway", {"host": gateway_host, "port": gateway_port, **model_flags,
                                           **extra.get("gateway", {})})
     plan.append(ProcessPlan("gateway", "gateway", gateway_argv, http_ok(url + "/health"), url, gateway_port))
-    return ClusterPlan(plan, url, conductor)
+    return ClusterPlan(plan, url, conductor, local_internal_token())
+
+
+def local_internal_token() -> str:
+    """The environment's internal token (CRESCENT_INTERNAL_TOKEN or _FILE) when it sets one, else a fresh random one
+    for this run: a cluster on one machine is authenticated inside too, and nobody has to manage its secret."""
+    return CrescentSettings().internal_token_value() or secrets.token_urlsafe(32)
 
 
 def start_cluster(plan: ClusterPlan, log_dir: Path | None, env: dict[str, str] | None = None,
                   timeout_s: float = 300.0) -> ServiceGroup:
     """Start every planned process and wait until all are healthy (stopping them all if that fails)."""
-    group = ServiceGroup(log_dir, env)
+    group = ServiceGroup(log_dir, {**plan.child_env(), **(env or {})})
     try:
         for p in plan.processes:
             group.start(p.name, p.argv, p.health)

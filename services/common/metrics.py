@@ -102,4 +102,4 @@ STORE_CORRUPT = Counter("crescent_kvstore_corrupt_blocks_total", "Blocks that fa
 STORE_TRANSFER_SECONDS = Histogram("crescent_kvstore_transfer_seconds", "One batched transfer, by transport and op.",
                                    ["transport", "op"], buckets=TRANSFER_BUCKETS)
 STORE_CLIENT_ERRORS = Counter("crescent_kvstore_client_errors_total", "Bad frames, disconnects and refused requests.",
-                              ["kind"])
+                              ["kind"])  # bad_frame, disconnect, draining, internal, conductor, ssd_write, unauthenticated

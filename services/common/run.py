@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+from crescent.services.common.auth import warn_if_open
 from crescent.services.common.grpc_util import start_metrics_server
 from crescent.services.common.logging import setup_logging
 from crescent.settings import CrescentSettings
@@ -31,6 +32,7 @@ def run_service(name: str, settings: CrescentSettings, main: ServiceMain, *, met
     interpreter teardown (torch and friends) takes seconds on a busy machine and would stall an ordered shutdown.
     """
     setup_logging(name, settings.log_level)
+    warn_if_open(settings.internal_token_value(), name)
     if metrics_port:
         start_metrics_server(settings.host, metrics_port)
 

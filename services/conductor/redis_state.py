@@ -15,6 +15,7 @@ import redis
 
 from crescent.services.conductor.cluster import InstanceInfo, InstanceState, Load, Role, Tier
 from crescent.services.conductor.kv_index import KvEventKind
+from crescent.services.conductor.registry import InstanceIdTaken, takeover_refusal
 
 # Conditional updates run server-side so two replicas applying events never interleave mid-update.
 _EVICT = """
@@ -22,6 +23,19 @@ for i, h in ipairs(ARGV) do
   if i > 1 and redis.call('HGET', KEYS[1], h) == ARGV[1] then redis.call('HDEL', KEYS[1], h) end
 end
 return 0
+"""
+# Register, unless a live instance at another address holds the id (then the holder's state comes back, and
+# Python says why): one script, so two replicas cannot both pass the check and overwrite each other.
+_REGISTER = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if raw then
+  local old = cjson.decode(raw)
+  if old.info.address ~= ARGV[2] and tonumber(ARGV[3]) - old.last_heartbeat <= tonumber(ARGV[4]) then
+    return raw
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
+return false
 """
 _MOVE = """
 for i, h in ipairs(ARGV) do
@@ -54,11 +68,19 @@ class RedisRegistry:
         self.r = client
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.key = f"{ns}:instances"
+        self._register = client.register_script(_REGISTER)
 
     def register(self, info: InstanceInfo, load: Load, now: float) -> None:
+        """Add or refresh an instance; InstanceIdTaken when a live one at another address holds its id."""
         if not info.instance_id:
             raise ValueError("instance_id must be non-empty")
-        self.r.hset(self.key, info.instance_id, _state_to_json(InstanceState(info, load, last_heartbeat=now)))
+        state = _state_to_json(InstanceState(info, load, last_heartbeat=now))
+        holder = self._register(keys=[self.key], args=[info.instance_id, info.address, repr(now),
+                                                       repr(self.heartbeat_timeout_s), state])
+        if holder is not None:  # the script refused; say why
+            old = _state_from_json(holder)
+            raise InstanceIdTaken(takeover_refusal(old, info, now, self.heartbeat_timeout_s)
+                                  or f"instance id {info.instance_id!r} is held by a live instance at {old.info.address}")
 
     def heartbeat(self, instance_id: str, load: Load, now: float) -> bool:
         raw = self.r.hget(self.key, instance_id)

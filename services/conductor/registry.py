@@ -8,6 +8,23 @@ import threading
 from crescent.services.conductor.cluster import InstanceInfo, InstanceState, Load, Role
 
 
+class InstanceIdTaken(Exception):
+    """A Register would take over an id that a live instance at another address holds."""
+
+
+def takeover_refusal(old: InstanceState, info: InstanceInfo, now: float, heartbeat_timeout_s: float) -> str:
+    """Why a Register of ``info`` over ``old`` is refused ('' = allowed). Allowed: the same instance again (same
+    address: a restarted worker) or over a dead one (no heartbeat within the timeout, even if the expiry round has
+    not dropped it yet). Otherwise a second instance given the same id, or a stranger, would silently take the
+    first one's traffic."""
+    age = now - old.last_heartbeat
+    if old.info.address == info.address or age > heartbeat_timeout_s:
+        return ""
+    return (f"instance id {info.instance_id!r} is held by a live instance at {old.info.address} (last heartbeat "
+            f"{age:.1f}s ago); it is free once that instance deregisters or misses heartbeats for "
+            f"{heartbeat_timeout_s:g}s. Give each instance its own instance_id")
+
+
 class Registry:
     """In-memory registry (one conductor). ``RedisRegistry`` has the same methods for several replicas.
 
@@ -22,9 +39,13 @@ class Registry:
         self._lock = threading.Lock()
 
     def register(self, info: InstanceInfo, load: Load, now: float) -> None:
+        """Add or refresh an instance; InstanceIdTaken when a live one at another address holds its id."""
         if not info.instance_id:
             raise ValueError("instance_id must be non-empty")
         with self._lock:
+            old = self._instances.get(info.instance_id)
+            if old is not None and (why := takeover_refusal(old, info, now, self.heartbeat_timeout_s)):
+                raise InstanceIdTaken(why)
             self._instances[info.instance_id] = InstanceState(info=info, load=load, last_heartbeat=now)
 
     def heartbeat(self, instance_id: str, load: Load, now: float) -> bool:

@@ -18,7 +18,7 @@ from crescent.services.conductor import convert
 from crescent.services.conductor.cluster import Clock, Placement, Request, Role, Slo, WallClock
 from crescent.services.conductor.cost_model import CostModel
 from crescent.services.conductor.kv_index import KvIndex
-from crescent.services.conductor.registry import Registry
+from crescent.services.conductor.registry import InstanceIdTaken, Registry
 from crescent.services.conductor.scheduler import Conductor
 from crescent.services.conductor.settings import ConductorSettings
 
@@ -56,6 +56,9 @@ class ConductorServicer(conductor_pb2_grpc.ConductorServicer):
             self.c.registry.register(info, convert.load_from_proto(request.load), self.clock.now())
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except InstanceIdTaken as e:
+            log.warning("refused Register from %s: %s", context.peer(), e)
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         log.info("registered %s %s at %s", info.role.name.lower(), info.instance_id, info.address)
         return conductor_pb2.RegisterResponse(heartbeat_interval_s=self.settings.heartbeat_interval_s,
                                               heartbeat_timeout_s=self.settings.heartbeat_timeout_s)
@@ -165,7 +168,7 @@ async def run(settings: ConductorSettings, stop: asyncio.Event, on_ready: Callab
               clock: Clock | None = None) -> None:
     clock = clock or WallClock()
     conductor = build_conductor(settings)
-    server = GrpcServer(settings.host, settings.port, SERVICE_NAME)
+    server = GrpcServer(settings.host, settings.port, SERVICE_NAME, settings.internal_token_value())
     server.add(conductor_pb2_grpc.add_ConductorServicer_to_server, ConductorServicer(conductor, settings, clock))
     await server.start(serving=True)
     period = min(settings.heartbeat_interval_s, settings.heartbeat_timeout_s / 3)

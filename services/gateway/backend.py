@@ -72,8 +72,8 @@ class ClusterClient:
     """Async gRPC client of the conductor and the workers it places requests on."""
 
     def __init__(self, conductor_address: str, rpc_timeout_s: float, request_timeout_s: float,
-                 block_size: int = 16):
-        self.pool = ChannelPool()
+                 block_size: int = 16, internal_token: str = ""):
+        self.pool = ChannelPool(internal_token)
         self.block_size = block_size
         self.conductor_address = conductor_address
         self.rpc_timeout_s = rpc_timeout_s

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from crescent.services.common.auth import warn_if_open
 from crescent.services.common.model_watch import first_version, watcher_for
 from crescent.services.gateway.backend import ClusterClient
 from crescent.services.gateway.errors import ApiError, install_error_handlers
@@ -49,7 +50,7 @@ def create_app(settings: GatewaySettings, encoder: PromptEncoder | None = None,
     if watch is not None:
         model_id = watch.name  # stable across versions; the version only changes the hash namespace
     client = client or ClusterClient(settings.conductor_address, settings.rpc_timeout_s, settings.request_timeout_s,
-                                     settings.kv_block_size)
+                                     settings.kv_block_size, settings.internal_token_value())
     state = GatewayState(settings, encoder, client, model_id, model_watch=watch)
 
     @asynccontextmanager
@@ -108,6 +109,7 @@ def _openapi_without_422(app: FastAPI) -> None:
 
 
 def serve(settings: GatewaySettings) -> None:
+    warn_if_open(settings.internal_token_value(), "gateway")
     try:
         app = create_app(settings)
     except Exception as exc:  # e.g. no such model folder: one clear line, not a traceback

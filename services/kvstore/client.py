@@ -44,20 +44,21 @@ class KvStoreClient:
 
     @classmethod
     def connect(cls, address: str, transport: str = "tcp", timeout_s: float = 30.0,
-                verify_checksums: bool = False) -> KvStoreClient:
-        """Connect to a kvstore's data address ("host:port") over ``transport`` ("tcp" or "mooncake")."""
+                verify_checksums: bool = False, token: str = "") -> KvStoreClient:
+        """Connect to a kvstore's data address ("host:port") over ``transport`` ("tcp" or "mooncake"); ``token``
+        is the cluster's internal token, which a store that has one requires (ServerError without it)."""
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
             raise ValueError(f"kvstore address must be host:port, got {address!r}")
         if transport == "tcp":
             from crescent.services.kvstore.tcp import TcpTransport
 
-            backend: TransportClient = TcpTransport(host, int(port), timeout_s, verify_checksums)
+            backend: TransportClient = TcpTransport(host, int(port), timeout_s, verify_checksums, token)
             backend.conn.get()  # fail fast on a wrong address
         elif transport == "mooncake":
             from crescent.services.kvstore.mooncake import MooncakeTransport
 
-            backend = MooncakeTransport(host, int(port), timeout_s, verify_checksums=verify_checksums)
+            backend = MooncakeTransport(host, int(port), timeout_s, verify_checksums=verify_checksums, token=token)
         else:
             raise ValueError(f"unknown kvstore transport {transport!r}; use one of {TRANSPORTS}")
         return cls(backend)

@@ -60,8 +60,9 @@ class DataServer:
     """Listens on ``host:port`` (0 = a free port) and serves until :meth:`stop`."""
 
     def __init__(self, store: BlockStore, host: str, port: int, transport: str = "tcp", mooncake=None,
-                 io_timeout_s: float = 30.0):
+                 io_timeout_s: float = 30.0, internal_token: str = ""):
         self.store = store
+        self.internal_token = internal_token  # '' = any client; else every connection opens with AUTH
         # a client stalled mid-frame is dropped after this (idle ones are not)
         self.io_timeout_s = io_timeout_s
         self.transport = transport
@@ -73,7 +74,8 @@ class DataServer:
         self._sessions: set[Session] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept_loop, name="kvstore-accept", daemon=True)
-        self._handlers = {p.Op.PUT: self._put, p.Op.GET: self._get, p.Op.LOOKUP: self._lookup}
+        self._handlers = {p.Op.PUT: self._put, p.Op.GET: self._get, p.Op.LOOKUP: self._lookup,
+                          p.Op.AUTH: self._auth_again}
         if mooncake is not None:
             self._handlers.update(mooncake.handlers(self))
 
@@ -111,6 +113,8 @@ class DataServer:
 
     def _serve(self, session: Session) -> None:
         try:
+            if self.internal_token and not self._authenticate(session):
+                return
             while self._handle_one(session):
                 pass
         except (ConnectionError, TimeoutError, OSError) as exc:
@@ -119,6 +123,26 @@ class DataServer:
                 log.info("client disconnected: %s", exc)
         finally:
             self._cleanup(session)
+
+    def _authenticate(self, session: Session) -> bool:
+        """Read the connection's first frame: AUTH with the token, or the connection is refused and closed before
+        any other frame's body (or block) is read."""
+        p.set_io_timeout(session.sock, self.io_timeout_s)  # a stranger that connects and says nothing is dropped
+        try:
+            op, refused = p.check_auth(session.sock, self.internal_token)
+        except p.ProtocolError as exc:
+            return self._refuse(session, 0, "bad_frame", str(exc))
+        if refused:
+            return self._refuse(session, op, "unauthenticated", refused)
+        p.send_all(session.sock, [p.pack_header(p.Op.AUTH, 0, 0, 0)])
+        return True
+
+    def _auth_again(self, session: Session, op: p.Op, count: int, body: bytearray, payload_len: int) -> None:
+        """AUTH after the first frame, or to a store without a token (a client configured before its store):
+        nothing to check, answered OK."""
+        if payload_len:
+            raise p.ProtocolError("an AUTH frame carries no payload")
+        p.send_all(session.sock, [p.pack_header(op, 0, 0, 0)])
 
     def _handle_one(self, session: Session) -> bool:
         """Serve one request; False to close the connection (clean EOF or a malformed frame)."""

@@ -18,6 +18,7 @@ import grpc
 
 from crescent.proto.v1 import common_pb2, conductor_pb2, conductor_pb2_grpc
 from crescent.services.common import metrics
+from crescent.services.common.auth import sync_channel
 from crescent.services.common.grpc_util import CHANNEL_OPTIONS
 from crescent.services.kvstore.blocks import KvEvent
 
@@ -56,13 +57,14 @@ class ConductorReporter:
         heartbeat_interval_s: float = 2.0,
         rpc_timeout_s: float = 2.0,
         max_backoff_s: float = 10.0,
+        internal_token: str = "",
     ):
         self.instance = instance
         self.load = load
         self.heartbeat_interval_s = heartbeat_interval_s
         self.rpc_timeout_s = rpc_timeout_s
         self.max_backoff_s = max_backoff_s
-        self._channel = grpc.insecure_channel(conductor_address, options=CHANNEL_OPTIONS)
+        self._channel = sync_channel(conductor_address, internal_token, CHANNEL_OPTIONS)
         self._stub = conductor_pb2_grpc.ConductorStub(self._channel)
         self._queue: collections.deque[KvEvent] = collections.deque(maxlen=MAX_QUEUED_EVENTS)
         self._wake = threading.Event()
@@ -104,7 +106,7 @@ class ConductorReporter:
             except grpc.RpcError as exc:
                 backoff = min(max(backoff * 2, 0.1), self.max_backoff_s)
                 wait = backoff
-                log.warning("conductor unreachable (%s); retrying in %.1fs", exc.code(), backoff)
+                log.warning("conductor call failed (%s: %s); retrying in %.1fs", exc.code(), exc.details(), backoff)
             self._wake.wait(wait)
             self._wake.clear()
         try:

@@ -162,10 +162,11 @@ class MooncakeTransport(TransportClient):
     name = "mooncake"
 
     def __init__(self, host: str, port: int, timeout_s: float = 30.0, local_hostname: str = "127.0.0.1",
-                 verify_checksums: bool = False, device: str = ""):
-        """``device``: this node's RDMA NICs when the store uses rdma (empty = all of them)."""
+                 verify_checksums: bool = False, device: str = "", token: str = ""):
+        """``device``: this node's RDMA NICs when the store uses rdma (empty = all of them); ``token``: the store's
+        internal token (the control connection opens with it)."""
         super().__init__()
-        self.conn = FramedConnection(host, port, timeout_s)
+        self.conn = FramedConnection(host, port, timeout_s, token)
         self.verify_checksums = verify_checksums
         self._staging = np.empty(0, np.uint8)
         self._registered: dict[tuple[int, int], object] = {}  # (address, length) -> the buffer kept alive

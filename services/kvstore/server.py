@@ -82,7 +82,8 @@ class KvStoreHandle:
         self._thread = threading.Thread(target=self.loop.run_forever, name="kvstore-grpc", daemon=True)
 
     async def _start_grpc(self) -> None:
-        self.grpc = GrpcServer(self.settings.host, self.settings.port, SERVICE_NAME)
+        self.grpc = GrpcServer(self.settings.host, self.settings.port, SERVICE_NAME,
+                               self.settings.internal_token_value())
         self.grpc.add(kvstore_pb2_grpc.add_KvStoreServicer_to_server, KvStoreServicer(self))
         await self.grpc.start(serving=False)  # health answers NOT_SERVING while the store loads
 
@@ -112,11 +113,13 @@ class KvStoreHandle:
             self.dir_lock.release()
             self._shutdown_grpc()
             raise
-        self.data = DataServer(self.store, s.host, s.data_port, s.transport, mooncake, s.io_timeout_s).start()
+        self.data = DataServer(self.store, s.host, s.data_port, s.transport, mooncake, s.io_timeout_s,
+                               s.internal_token_value()).start()
         self.data_address = f"{s.advertise_host or s.host}:{self.data.port}"
         if s.conductor_address:
             self.reporter = ConductorReporter(
-                s.conductor_address, self._instance_info(), self._load, s.heartbeat_interval_s
+                s.conductor_address, self._instance_info(), self._load, s.heartbeat_interval_s,
+                internal_token=s.internal_token_value(),
             )
             self.store.event_sink = self.reporter.sink
             self.reporter.start()

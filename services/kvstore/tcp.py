@@ -27,16 +27,23 @@ HIT = int(p.BlockStatus.HIT)
 class FramedConnection:
     """A lazily (re)connected socket to the data server; shared by the tcp and mooncake clients."""
 
-    def __init__(self, host: str, port: int, timeout_s: float):
+    def __init__(self, host: str, port: int, timeout_s: float, token: str = ""):
         self.host, self.port, self.timeout_s = host, port, timeout_s
+        self.token = token  # the store's internal token, sent once per connection ('' = none)
         self.sock: socket.socket | None = None
 
     def get(self) -> socket.socket:
         if self.sock is None:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
-            sock.settimeout(None)  # blocking, with kernel timeouts: big transfers stay single syscalls
-            p.set_io_timeout(sock, self.timeout_s)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.settimeout(None)  # blocking, with kernel timeouts: big transfers stay single syscalls
+                p.set_io_timeout(sock, self.timeout_s)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.token:
+                    _authenticate(sock, self.token)
+            except BaseException:
+                sock.close()
+                raise
             self.sock = sock
         return self.sock
 
@@ -67,6 +74,14 @@ class FramedConnection:
         if status == p.Status.ERROR:
             raise ServerError(f"kvstore refused {op.name}: {reply.decode(errors='replace')}")
         return reply_payload, reply
+
+
+def _authenticate(sock: socket.socket, token: str) -> None:
+    p.send_all(sock, p.auth_frame(token))
+    _, status, _, body_len, _ = p.unpack_header(p.recv_exact(sock, p.HEADER.size))
+    reply = p.recv_exact(sock, body_len)
+    if status == p.Status.ERROR:
+        raise ServerError(f"kvstore refused the connection: {reply.decode(errors='replace')}")
 
 
 def split_payload(reply: bytearray, count: int, buf: memoryview, verify: bool) -> list[FetchedBlock | None]:
@@ -124,9 +139,10 @@ def lookup_over(
 class TcpTransport(TransportClient):
     name = "tcp"
 
-    def __init__(self, host: str, port: int, timeout_s: float = 30.0, verify_checksums: bool = False):
+    def __init__(self, host: str, port: int, timeout_s: float = 30.0, verify_checksums: bool = False,
+                 token: str = ""):
         super().__init__()
-        self.conn = FramedConnection(host, port, timeout_s)
+        self.conn = FramedConnection(host, port, timeout_s, token)
         self.verify_checksums = verify_checksums  # the server verifies on every read; this adds end-to-end
 
     def put(self, model_id, layer_range, hashes, blocks, metas) -> list[int]:

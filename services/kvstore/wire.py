@@ -14,6 +14,10 @@ each block's size and metadata length. Payload bytes go straight between sockets
 Limits are checked before anything is allocated; a frame that breaks them is answered with an error and the
 connection is closed (its framing can no longer be trusted), while errors about the blocks themselves (sizes,
 keys) leave the connection usable.
+
+A store with an internal token requires it in the first frame of every connection: AUTH, body = the token. Any
+other first frame, or a wrong token, is answered with an error and the connection closed, before the frame's body
+(and so any block) is read. Once per connection: the data path itself is unchanged.
 """
 
 from __future__ import annotations
@@ -25,13 +29,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from crescent.services.common.auth import token_matches
 from crescent.services.kvstore.blocks import MAX_MODEL_ID_BYTES
+from crescent.settings import MAX_INTERNAL_TOKEN_CHARS
 
 MAGIC = b"CKV1"
 HEADER = struct.Struct("<4sBBHIIQ")
 MAX_BLOCKS = 1 << 16
 MAX_BODY_BYTES = 16 << 20
 MAX_PAYLOAD_BYTES = 8 << 30
+MAX_TOKEN_BYTES = MAX_INTERNAL_TOKEN_CHARS  # an AUTH body longer than this is refused unread
 WHOLE_BLOCK = (0, 0xFFFFFFFF)  # the layer range of a block stored whole (no per-layer split)
 ANY_LAYERS = (0, 0)  # LOOKUP only: a block counts when any of its layer ranges is stored
 
@@ -46,6 +53,7 @@ class Op(enum.IntEnum):
     MC_PUT = 12       # mooncake: reserve slots, return their addresses and a lease
     MC_COMMIT = 13    # mooncake: the client wrote the reserved slots; checksum and publish them
     MC_RELEASE = 14   # mooncake: the client read the pinned blocks; unpin them
+    AUTH = 20         # the connection's first frame when the store has an internal token: body = the token
 
 
 class Status(enum.IntEnum):
@@ -182,6 +190,23 @@ def drain(sock: socket.socket, size: int, scratch: memoryview) -> None:
         chunk = scratch[: min(size, len(scratch))]
         recv_into_exact(sock, chunk)
         size -= len(chunk)
+
+
+def auth_frame(token: str) -> list[bytes]:
+    body = token.encode()
+    return [pack_header(Op.AUTH, 0, len(body), 0), body]
+
+
+def check_auth(sock: socket.socket, token: str) -> tuple[Op, str]:
+    """Read a connection's first frame and check that it is AUTH with ``token``: (its op, why it is refused; ''
+    = accepted). Only an AUTH frame's body is read; ProtocolError on a malformed header."""
+    op, _, _, body_len, payload_len = unpack_header(recv_exact(sock, HEADER.size))
+    if op != Op.AUTH or payload_len or body_len > MAX_TOKEN_BYTES:
+        return op, ("this kvstore needs the internal token: a connection's first frame must be AUTH (set the "
+                    "client's internal_token)")
+    if not token_matches(bytes(recv_exact(sock, body_len)), token):
+        return op, "wrong internal token"
+    return op, ""
 
 
 def send_error(sock: socket.socket, op: int, message: str) -> None:

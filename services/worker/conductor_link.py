@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from crescent.proto.v1 import common_pb2, conductor_pb2, conductor_pb2_grpc
+from crescent.services.common.auth import aio_channel
 from crescent.services.common.grpc_util import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -23,12 +24,12 @@ LoadFn = Callable[[], Awaitable[common_pb2.Load]]
 
 class ConductorLink:
     def __init__(self, conductor_address: str, instance: conductor_pb2.InstanceInfo, load_fn: LoadFn,
-                 heartbeat_interval_s: float, rpc_timeout_s: float = 5.0):
+                 heartbeat_interval_s: float, rpc_timeout_s: float = 5.0, internal_token: str = ""):
         self.instance = instance
         self.load_fn = load_fn
         self.interval_s = heartbeat_interval_s
         self.rpc_timeout_s = rpc_timeout_s
-        self._channel = grpc.aio.insecure_channel(conductor_address, options=CHANNEL_OPTIONS)
+        self._channel = aio_channel(conductor_address, internal_token, CHANNEL_OPTIONS)
         self._stub = conductor_pb2_grpc.ConductorStub(self._channel)
         self._task: asyncio.Task | None = None
         self.registered = False
@@ -42,7 +43,10 @@ class ConductorLink:
                                                                             load=await self.load_fn()),
                                               timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as err:
-            log.info("conductor not reachable yet (%s); retrying", err.code().name)
+            if err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS):  # not a start-up race
+                log.warning("conductor refused the registration (%s: %s); retrying", err.code().name, err.details())
+            else:
+                log.info("conductor not reachable yet (%s); retrying", err.code().name)
             return False
         if reply.heartbeat_interval_s > 0:
             self.interval_s = min(self.interval_s, reply.heartbeat_interval_s)

@@ -18,10 +18,12 @@ log = logging.getLogger(__name__)
 
 
 class KvTransfer:
-    def __init__(self, block_shape: tuple[int, ...], dtype: torch.dtype, timeout_s: float = 30.0):
+    def __init__(self, block_shape: tuple[int, ...], dtype: torch.dtype, timeout_s: float = 30.0,
+                 internal_token: str = ""):
         self.block_shape = block_shape
         self.dtype = dtype
         self.timeout_s = timeout_s
+        self.internal_token = internal_token  # the store's data port checks it once per connection
         self.num_layers = block_shape[0]
         self._clients: dict[tuple[str, str], tuple[object, threading.Lock]] = {}
         self._guard = threading.Lock()
@@ -33,7 +35,8 @@ class KvTransfer:
         with self._guard:
             entry = self._clients.get(key)
             if entry is None:
-                entry = (KvStoreClient.connect(address, transport=key[1]), threading.Lock())
+                entry = (KvStoreClient.connect(address, transport=key[1], token=self.internal_token),
+                         threading.Lock())
                 self._clients[key] = entry
         return entry
 

@@ -73,7 +73,8 @@ class WorkerRuntime:
         cfg = core.config
         shape = (cfg.num_hidden_layers, 2, core.block_manager.block_size, cfg.num_key_value_heads, cfg.head_dim)
         if self._kv is None or (self._kv.block_shape, self._kv.dtype) != (shape, core.runner.dtype):
-            self._kv = KvTransfer(shape, core.runner.dtype, self.settings.kvstore_timeout_s)
+            self._kv = KvTransfer(shape, core.runner.dtype, self.settings.kvstore_timeout_s,
+                                  self.settings.internal_token_value())
         return self._kv
 
     async def require_engine(self, context: grpc.aio.ServicerContext) -> Any:
@@ -198,14 +199,15 @@ async def run_worker(runtime: WorkerRuntime, service_name: str,
     s = runtime.settings
     metrics_task: asyncio.Task | None = None
     watch_task: asyncio.Task | None = None
-    server = GrpcServer(s.host, s.port, service_name)
+    server = GrpcServer(s.host, s.port, service_name, s.internal_token_value())
     server.add(add_servicer, servicer)
     await server.start(serving=False)
     try:
         await runtime.load()
         if s.conductor_address:
             runtime.link = ConductorLink(s.conductor_address, runtime.instance_info(server.port),
-                                         runtime.load_snapshot, s.heartbeat_interval_s)
+                                         runtime.load_snapshot, s.heartbeat_interval_s,
+                                         internal_token=s.internal_token_value())
             await runtime.link.start()
         else:  # standalone: nobody pulls load snapshots, so refresh the metrics here
             metrics_task = asyncio.create_task(_refresh_metrics(runtime, s.heartbeat_interval_s))

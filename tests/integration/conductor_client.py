@@ -9,6 +9,7 @@ from collections.abc import Callable
 import grpc
 
 from crescent.proto.v1 import common_pb2, conductor_pb2, conductor_pb2_grpc
+from crescent.services.common.auth import sync_channel
 
 
 def free_port() -> int:
@@ -17,8 +18,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stub(address: str) -> tuple[grpc.Channel, conductor_pb2_grpc.ConductorStub]:
-    channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
+def stub(address: str, token: str = "") -> tuple[grpc.Channel, conductor_pb2_grpc.ConductorStub]:
+    """A blocking conductor client whose calls carry the internal ``token`` (none when empty)."""
+    channel = sync_channel(address, token, [("grpc.enable_http_proxy", 0)])
     return channel, conductor_pb2_grpc.ConductorStub(channel)
 
 

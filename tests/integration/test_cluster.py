@@ -47,6 +47,27 @@ def test_front_service_processes_never_load_torch(client, cluster):
         assert ("libtorch" in text) != front, f"{name}: libtorch {'mapped' if front else 'missing'}"
 
 
+def test_the_runs_services_require_its_internal_token(client, cluster):
+    """The services of one run share a random internal token: the traffic of these tests carries it, a stranger's
+    call does not get in."""
+    import grpc
+
+    from crescent.services.common.auth import sync_channel
+
+    plan, _, _ = cluster
+    assert len(plan.internal_token) >= 32
+    for token, expected in (("", grpc.StatusCode.UNAUTHENTICATED), (plan.internal_token, None)):
+        with sync_channel(plan.conductor_address, token, [("grpc.enable_http_proxy", 0)]) as channel:
+            try:
+                listed = conductor_pb2_grpc.ConductorStub(channel).ListInstances(
+                    conductor_pb2.ListInstancesRequest(), timeout=5).instances
+                code = None
+            except grpc.RpcError as err:
+                code = err.code()
+        assert code == expected
+    assert len(listed) >= 3  # prefill, decode and the kvstore registered with the token
+
+
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == [TINY_NAME]
 
@@ -218,9 +239,9 @@ def test_decode_crash_is_dropped_and_traffic_continues(client, cluster):
     plan, group, tmp = cluster
     group.kill("decode-1")
     killed_at = time.monotonic()
-    import grpc
+    from crescent.services.common.auth import sync_channel
 
-    with grpc.insecure_channel(plan.conductor_address) as channel:
+    with sync_channel(plan.conductor_address, plan.internal_token, [("grpc.enable_http_proxy", 0)]) as channel:
         stub = conductor_pb2_grpc.ConductorStub(channel)
         while time.monotonic() - killed_at < 10:
             live = stub.ListInstances(conductor_pb2.ListInstancesRequest(), timeout=5).instances

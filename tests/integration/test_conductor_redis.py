@@ -93,3 +93,23 @@ def test_two_replicas_share_state_and_survive_one_dying(redis_url):
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=10)
     assert proc_b.returncode == 0  # SIGTERM is a clean exit
+
+
+def test_a_live_instance_id_cannot_be_taken_over_in_redis(redis_url):
+    from crescent.services.conductor.cluster import InstanceInfo, Load, Role
+    from crescent.services.conductor.redis_state import RedisRegistry
+    from crescent.services.conductor.registry import InstanceIdTaken
+
+    client = redis.Redis.from_url(redis_url)
+    replica_a, replica_b = RedisRegistry(client, 3.0, "t"), RedisRegistry(client, 3.0, "t")
+    replica_a.register(InstanceInfo("p0", Role.PREFILL, address="10.0.0.1:1"), Load(), 100.0)
+    with pytest.raises(InstanceIdTaken, match="held by a live instance at 10.0.0.1:1"):
+        replica_b.register(InstanceInfo("p0", Role.PREFILL, address="10.0.0.2:1"), Load(), 102.5)
+    replica_b.register(InstanceInfo("p0", Role.PREFILL, address="10.0.0.1:1"), Load(waiting=2), 102.5)
+    assert replica_a.get("p0").load.waiting == 2 and replica_a.get("p0").info.address == "10.0.0.1:1"
+    replica_b.register(InstanceInfo("p0", Role.PREFILL, address="10.0.0.2:1"), Load(), 105.6)  # silent > 3 s
+    assert replica_a.get("p0").info.address == "10.0.0.2:1"
+    replica_a.deregister("p0")
+    replica_b.register(InstanceInfo("p0", Role.PREFILL, address="10.0.0.3:1"), Load(), 105.7)
+    assert replica_a.get("p0").info.address == "10.0.0.3:1"
+    client.close()

@@ -150,3 +150,19 @@ def test_service_process_serves_and_drains_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_mooncake_control_connection_needs_the_internal_token(tmp_path):
+    from crescent.services.kvstore.transport import ServerError
+
+    handle = run_in_thread(KvStoreSettings(
+        port=0, data_port=0, metrics_port=0, transport="mooncake", dram_capacity_bytes=8 * BLOCK,
+        ssd_capacity_bytes=0, data_dir=str(tmp_path / "ssd"), internal_token="mc-token"))
+    try:
+        with pytest.raises(ServerError, match="needs the internal token"):  # no session info, no arena addresses
+            KvStoreClient.connect(handle.data_address, transport="mooncake")
+        with KvStoreClient.connect(handle.data_address, transport="mooncake", token="mc-token") as client:
+            assert client.put_blocks("m", [1], [block(1)], LAYERS) == 1
+            assert bytes(client.get_blocks("m", [1], LAYERS)[0]) == block(1)
+    finally:
+        handle.stop()

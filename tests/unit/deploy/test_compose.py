@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
@@ -27,9 +28,24 @@ def compose() -> dict:
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose binary not installed")
 def test_compose_file_is_valid():
+    env = {**os.environ, "CRESCENT_INTERNAL_TOKEN": "a-sample-token"}
     done = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
-                          timeout=60, cwd=REPO)
+                          timeout=60, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose binary not installed")
+def test_compose_refuses_to_start_without_an_internal_token():
+    env = {k: v for k, v in os.environ.items() if k != "CRESCENT_INTERNAL_TOKEN"}
+    done = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, env=env)
+    assert done.returncode != 0 and "set CRESCENT_INTERNAL_TOKEN to a random secret" in done.stderr
+
+
+def test_every_service_gets_the_internal_token_from_the_host():
+    for role in ROLES:
+        assert compose()["services"][role]["environment"]["CRESCENT_INTERNAL_TOKEN"].startswith(
+            "${CRESCENT_INTERNAL_TOKEN:?")
 
 
 @pytest.mark.parametrize("role", sorted(ROLES))

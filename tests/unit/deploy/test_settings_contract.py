@@ -7,6 +7,7 @@ removed setting fails here instead of being silently ignored in a deployment (se
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import pytest
@@ -37,8 +38,10 @@ def chart_env(case: str) -> dict[str, dict[str, str]]:
 
 
 def compose_env() -> dict[str, dict[str, str]]:
+    """role -> CRESCENT_* env; a value docker-compose takes from the host (``${NAME:?...}``) is a sample value."""
     services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
-    return {role: {k: str(v) for k, v in services[role]["environment"].items()} for role in cli.ROLES}
+    return {role: {k: re.sub(r"^\$\{\w+[^}]*\}$", "sample-host-value", str(v))
+                   for k, v in services[role]["environment"].items()} for role in cli.ROLES}
 
 
 SOURCES = {f"chart:{case}": (lambda c=case: chart_env(c)) for case in ("default", "gpu-workers", "hostpath-model",

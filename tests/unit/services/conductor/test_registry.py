@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from crescent.services.conductor.cluster import FakeClock, InstanceInfo, Load, Role
-from crescent.services.conductor.registry import Registry
+from crescent.services.conductor.registry import InstanceIdTaken, Registry
 
 
 def test_heartbeats_keep_an_instance_and_silence_drops_it():
@@ -45,3 +45,17 @@ def test_instances_are_copies():
     reg.register(InstanceInfo("p0", Role.PREFILL), Load(waiting=1), 0.0)
     reg.instances()[0].load.waiting = 99
     assert reg.get("p0").load.waiting == 1
+
+
+def test_a_live_instance_id_cannot_be_taken_from_another_address():
+    reg = Registry(heartbeat_timeout_s=3.0)
+    reg.register(InstanceInfo("p0", Role.PREFILL, address="10.0.0.1:1"), Load(), 0.0)
+    with pytest.raises(InstanceIdTaken, match="held by a live instance at 10.0.0.1:1"):
+        reg.register(InstanceInfo("p0", Role.PREFILL, address="10.0.0.2:1"), Load(), 3.0)
+    reg.register(InstanceInfo("p0", Role.PREFILL, address="10.0.0.1:1"), Load(waiting=2), 3.0)  # itself, restarted
+    assert reg.get("p0").load.waiting == 2
+    reg.register(InstanceInfo("p0", Role.PREFILL, address="10.0.0.2:1"), Load(), 6.5)  # silent > 3 s: dead
+    assert reg.get("p0").info.address == "10.0.0.2:1"
+    reg.deregister("p0")
+    reg.register(InstanceInfo("p0", Role.PREFILL, address="10.0.0.3:1"), Load(), 6.6)  # freed
+    assert reg.get("p0").info.address == "10.0.0.3:1"
