@@ -104,6 +104,18 @@ async def check_health(address: str, timeout_s: float = 1.0, service: str = "") 
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def reachable(address: str, timeout_s: float = 1.0) -> bool:
+    """False only when nothing serves ``address`` any more (the connection is refused or reset: the process is
+    gone); a server that answers anything, or is too busy to answer in time, is still there."""
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s,
+                                                            wait_for_ready=False)
+        except grpc.aio.AioRpcError as err:
+            return err.code() != grpc.StatusCode.UNAVAILABLE
+        return True
+
+
 def start_metrics_server(host: str, port: int) -> None:
     """Expose the default Prometheus registry on ``host:port`` (0 = no metrics endpoint)."""
     if port:

@@ -12,7 +12,7 @@ import grpc
 
 from crescent.proto.v1 import common_pb2, conductor_pb2, conductor_pb2_grpc
 from crescent.services.common import metrics
-from crescent.services.common.grpc_util import GrpcServer
+from crescent.services.common.grpc_util import GrpcServer, reachable
 from crescent.services.common.run import run_service
 from crescent.services.conductor import convert
 from crescent.services.conductor.cluster import Clock, Placement, Request, Role, Slo, WallClock
@@ -132,10 +132,7 @@ def expire_once(conductor: Conductor, now: float, count_blocks: bool = True, req
     if stale := conductor.ledger.prune(now - request_ttl_s):
         log.warning("forgot %d requests placed over %.0fs ago without Finish", stale, request_ttl_s)
     for info in dropped:
-        conductor.index.drop_instance(info.instance_id)
-        metrics.CONDUCTOR_INSTANCES_DROPPED.labels(info.role.name.lower()).inc()
-        log.warning("dropped %s %s: no heartbeat for %.1fs", info.role.name.lower(), info.instance_id,
-                    conductor.registry.heartbeat_timeout_s)
+        _forget(conductor, info, f"no heartbeat for {conductor.registry.heartbeat_timeout_s:.1f}s")
     live = conductor.registry.instances()
     for role in Role:
         metrics.CONDUCTOR_INSTANCES.labels(role.name.lower()).set(sum(s.info.role == role for s in live))
@@ -143,6 +140,29 @@ def expire_once(conductor: Conductor, now: float, count_blocks: bool = True, req
         for tier, n in conductor.index.count_by_tier().items():
             metrics.CONDUCTOR_INDEXED_BLOCKS.labels(tier.name.lower()).set(n)
     return [info.instance_id for info in dropped]
+
+
+def _forget(conductor: Conductor, info, why: str) -> None:
+    """An instance is gone: its cached blocks are gone with it."""
+    conductor.index.drop_instance(info.instance_id)
+    metrics.CONDUCTOR_INSTANCES_DROPPED.labels(info.role.name.lower()).inc()
+    log.warning("dropped %s %s: %s", info.role.name.lower(), info.instance_id, why)
+
+
+async def probe_suspects(conductor: Conductor, now: float, timeout_s: float = 1.0) -> list[str]:
+    """Instances silent past ``suspect_after_s`` whose channel is gone (connection refused: the process died) are
+    dropped at once instead of after the whole heartbeat timeout; a silent one that still answers is busy and stays
+    (it only gets no new work meanwhile)."""
+    suspects = [s for s in conductor.registry.instances()
+                if now - s.last_heartbeat > conductor.suspect_after_s and s.info.address]
+    alive = await asyncio.gather(*(reachable(s.info.address, timeout_s) for s in suspects))
+    gone = []
+    for state, ok in zip(suspects, alive, strict=True):
+        if not ok and conductor.registry.deregister(state.instance_id):
+            _forget(conductor, state.info, f"silent for {now - state.last_heartbeat:.1f}s and its address "
+                                           f"{state.info.address} refuses connections")
+            gone.append(state.instance_id)
+    return gone
 
 
 # Counting indexed blocks walks the whole index (in Redis: every key); once in this many expiry rounds is enough.
@@ -155,6 +175,7 @@ async def _expiry_loop(conductor: Conductor, clock: Clock, period_s: float, requ
     while not stop.is_set():
         try:
             expire_once(conductor, clock.now(), rounds % _BLOCK_GAUGE_EVERY == 0, request_ttl_s)
+            await probe_suspects(conductor, clock.now())
             rounds += 1
         except Exception:  # a Redis hiccup must not end the loop (the next round retries)
             log.exception("expiry round failed")

@@ -89,3 +89,38 @@ def test_bad_input_is_invalid_argument_and_the_service_keeps_serving(conductor):
     register(client, "p0", PREFILL)
     register(client, "d0", DECODE)
     assert _place(client, "ok", list(range(40))).accepted
+
+
+def test_a_dead_instance_is_dropped_by_its_channel_a_busy_one_is_kept():
+    """Silent past suspect_after_s: an address that refuses connections (the process is gone) is dropped at once, long
+    before the heartbeat timeout; one whose server still answers (busy, not dead) stays registered."""
+    import time
+
+    from crescent.services.common.launcher import free_port
+
+    settings = ConductorSettings(port=0, metrics_port=0, heartbeat_interval_s=0.2, heartbeat_timeout_s=30.0,
+                                 suspect_after_s=0.5)
+    running = run_in_thread(settings)
+    channel, client = stub(running.address)
+    try:
+        def info(iid: str, address: str) -> conductor_pb2.InstanceInfo:
+            return conductor_pb2.InstanceInfo(instance_id=iid, role=DECODE, address=address, model_id="m",
+                                              kv_block_size=16)
+
+        dead, busy = f"127.0.0.1:{free_port()}", running.address  # the conductor's own server answers health
+        for iid, address in (("gone", dead), ("busy", busy)):
+            client.Register(conductor_pb2.RegisterRequest(instance=info(iid, address), load=common_pb2.Load()),
+                            timeout=5)
+        started = time.monotonic()
+
+        def listed() -> list[str]:
+            return sorted(s.instance.instance_id for s in
+                          client.ListInstances(conductor_pb2.ListInstancesRequest(), timeout=5).instances)
+
+        wait_until(lambda: listed() == ["busy"], timeout_s=10.0, what="the dead instance to be dropped")
+        assert time.monotonic() - started < 10.0  # far below the 30 s heartbeat timeout
+        time.sleep(1.0)
+        assert listed() == ["busy"]  # silent too, but its channel answers: kept (it just gets no new work)
+    finally:
+        channel.close()
+        running.stop()
