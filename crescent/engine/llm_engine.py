@@ -143,7 +143,7 @@ class LLMEngine:
             logits = self.runner.run(batch)
             tokens, logprobs = ([], [])
             if samplers:
-                reqs = [SampleRequest(i.seq.params, i.seq.num_outputs) for i in samplers]
+                reqs = [_sample_request(i.seq) for i in samplers]
                 tokens, logprobs = sample(logits, reqs)
         except Exception as exc:  # a failed forward fails its batch, never the engine
             log.exception("engine step failed; aborting %d requests", len(batch.seqs))
@@ -263,6 +263,12 @@ class LLMEngine:
             running_context_tokens=sum(s.num_tokens for s in sch.running),
             prefix_query_tokens=sch.prefix_query_tokens, prefix_hit_tokens=sch.prefix_hit_tokens,
             preemptions=sch.num_preemptions)
+
+
+def _sample_request(seq: Sequence) -> SampleRequest:
+    if not seq.params.has_penalties:  # skip copying the token history every step
+        return SampleRequest(seq.params, seq.num_outputs)
+    return SampleRequest(seq.params, seq.num_outputs, seq.token_ids[:seq.prompt_len], seq.output_ids)
 
 
 def _select_attention_backend(model, name: str) -> None:

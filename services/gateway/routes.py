@@ -22,6 +22,7 @@ from crescent.services.gateway import sse
 from crescent.services.gateway.backend import ClusterClient, SubRequest
 from crescent.services.gateway.errors import ERROR_RESPONSES, STREAM_RESPONSE, ApiError
 from crescent.services.gateway.generation import Run
+from crescent.services.gateway.output_controls import logit_bias_ids, response_format_wire
 from crescent.services.gateway.render import ChatRenderer, CompletionRenderer, chunk
 from crescent.services.gateway.schema import (
     ChatCompletionRequest,
@@ -139,8 +140,17 @@ def template_message(msg: ChatMessage) -> dict:
     return out
 
 
-def _sampling(body: _SamplingFields, max_tokens: int, logprobs: int, choice: int) -> common_pb2.SamplingParams:
-    params = common_pb2.SamplingParams(
+def _steering(st: GatewayState, body: _SamplingFields) -> dict:
+    """The penalty, bias and structured-output fields of SamplingParams (the same for every choice)."""
+    return {"presence_penalty": body.presence_penalty or 0.0, "frequency_penalty": body.frequency_penalty or 0.0,
+            "repetition_penalty": body.repetition_penalty or 1.0,
+            "logit_bias": logit_bias_ids(body.logit_bias, getattr(st.encoder.tokenizer, "vocab_size", None)),
+            "response_format": response_format_wire(body.response_format)}
+
+
+def _sampling(body: _SamplingFields, max_tokens: int, logprobs: int, choice: int,
+              steering: dict) -> common_pb2.SamplingParams:
+    params = common_pb2.SamplingParams(**steering,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else max(body.top_p, MIN_TOP_P), top_k=body.top_k or -1, max_tokens=max_tokens,
         stop=body.stop_list(), stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos,
@@ -156,13 +166,14 @@ async def _serve(st: GatewayState, request: Request, body: _SamplingFields, prom
     # The client's X-Request-Id is for tracing and need not be unique; the cluster's ids must be.
     internal_id = f"{request_id[:64]}-{uuid.uuid4().hex[:8]}"
     subs = []
+    steering = _steering(st, body)
     all_hashes = await st.offload(lambda: [prefix_block_hashes(ids, st.settings.kv_block_size, st.hash_model_id)
                                            for ids in prompts])
     for p, (ids, hashes) in enumerate(zip(prompts, all_hashes, strict=True)):
         for j in range(body.n):
             k = p * body.n + j
             subs.append(SubRequest(f"{internal_id}-{k}", st.model_id, ids, hashes, _sampling(body, max_tokens,
-                                                                                         logprobs, j)))
+                                                                                         logprobs, j, steering)))
     run = Run(st.client, subs)
     await run.place_all(max_tokens)  # a rejection is a plain 429 here, before any byte is sent
     created = int(time.time())

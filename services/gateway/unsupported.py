@@ -25,10 +25,6 @@ def _equals(*noop: Any) -> Callable[[Any], bool]:
 
 # field -> "this value changes nothing" (fields a request class lacks are skipped)
 _NOOP: dict[str, Callable[[Any], bool]] = {
-    "presence_penalty": _equals(0.0),
-    "frequency_penalty": _equals(0.0),
-    "repetition_penalty": _equals(1.0),
-    "logit_bias": _unset,
     "min_p": _equals(0.0),
     "use_beam_search": _equals(False),
     "length_penalty": _equals(1.0),

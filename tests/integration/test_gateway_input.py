@@ -109,8 +109,7 @@ def test_unknown_field_is_400_naming_it(http):
 
 @pytest.mark.parametrize("field, value", [
     ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "auto"), ("logit_bias", {"5": 10}), ("repetition_penalty", 1.2), ("best_of", 2),
-    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("min_p", 0.1), ("echo", True),
+    ("tool_choice", "auto"), ("best_of", 2), ("min_p", 0.1), ("echo", True),
     ("guided_regex", "a+"), ("use_beam_search", True), ("skip_special_tokens", False)], ids=str)
 def test_output_changing_fields_are_refused_by_name(http, field, value):
     _error(http.post("/v1/chat/completions", json={**CHAT, field: value}), 400, param=field,
@@ -125,6 +124,26 @@ def test_output_changing_fields_are_refused_by_name(http, field, value):
 def test_unsupported_message_contents_are_refused_by_name(http, message, param):
     body = {**CHAT, "messages": [message, {"role": "user", "content": "x"}]}
     _error(http.post("/v1/chat/completions", json=body), 400, param=param, code="unsupported_parameter")
+
+
+def test_penalties_and_logit_bias_reach_the_workers(http, cluster):
+    body = {**CHAT, "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2,
+            "logit_bias": {"5": 10, "104": -100}}
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+    sent = cluster.sampling[-1]
+    assert (sent.presence_penalty, sent.frequency_penalty) == (0.5, -1.0)
+    assert sent.repetition_penalty == pytest.approx(1.2) and dict(sent.logit_bias) == {5: 10.0, 104: -100.0}
+    assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+    plain = cluster.sampling[-1]
+    assert (plain.presence_penalty, plain.repetition_penalty, dict(plain.logit_bias)) == (0.0, 1.0, {})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("logit_bias", {"x": 1}), ("logit_bias", {"-3": 1}), ("logit_bias", {"5": 101}), ("logit_bias", {"5": "a"}),
+    ("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("repetition_penalty", 0)], ids=str)
+def test_steering_values_out_of_range_are_400_naming_the_field(http, field, value):
+    _error(http.post("/v1/chat/completions", json={**CHAT, field: value}), 400, param=field)
+    _still_open(http)
 
 
 def test_no_op_values_and_output_neutral_fields_are_served(http):
