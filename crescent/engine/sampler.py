@@ -1,4 +1,5 @@
-"""Token choice for a batch of last-position logits: greedy, temperature, top-k, top-p, seeds and logprobs.
+"""Token choice for a batch of last-position logits: penalties and logit_bias, grammar masks (structured outputs),
+then greedy or temperature, top-k, top-p, seeds; and logprobs (of the model's own distribution).
 
 Sampling draws ``argmax(p / E)`` with ``E ~ Exponential(1)`` i.i.d. per vocabulary entry (the Gumbel-max trick
 in another form: it picks token i with probability p_i). For a seeded request the noise of output index i comes from
@@ -11,10 +12,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from crescent.engine.sampling_params import SamplingParams
+from crescent.engine.structured import apply_grammars
 
 Logprob = tuple[int, float, list[tuple[int, float]]]  # (token id, logprob, top-N [(id, logprob)])
 
@@ -28,6 +31,8 @@ class SampleRequest:
     """The prompt (repetition_penalty counts it); only read when the request has penalties."""
     output_ids: Sequence[int] = ()
     """The outputs so far, forced ones included (all penalties count them)."""
+    grammar: Any = None
+    """The request's xgrammar GrammarMatcher (structured outputs): only tokens it allows can be drawn."""
 
 
 def _seeded_generator(seed: int, output_index: int) -> torch.Generator:
@@ -128,7 +133,7 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> tuple[list[in
         raise ValueError(f"{logits.shape[0]} logit rows for {len(requests)} requests")
     logits = logits.float()
     raw = logits  # logprobs are of the model's distribution, as OpenAI reports them
-    logits = apply_penalties(logits, requests)
+    logits = apply_grammars(apply_penalties(logits, requests), [r.grammar for r in requests])
     if all(r.params.greedy for r in requests):  # the common serving case: one argmax for the whole batch
         token_ids = torch.argmax(logits, dim=-1).tolist()
     else:

@@ -30,7 +30,6 @@ _NOOP: dict[str, Callable[[Any], bool]] = {
     "length_penalty": _equals(1.0),
     "include_stop_str_in_output": _equals(False),
     "skip_special_tokens": _equals(True),
-    "response_format": lambda v: v is None or v.type == "text",
     "guided_json": _unset,
     "guided_regex": _unset,
     "guided_choice": _unset,

@@ -6,6 +6,7 @@ A real uvicorn gateway on loopback in front of the fake conductor/prefill/decode
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -108,7 +109,7 @@ def test_unknown_field_is_400_naming_it(http):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("tool_choice", "auto"), ("best_of", 2), ("min_p", 0.1), ("echo", True),
     ("guided_regex", "a+"), ("use_beam_search", True), ("skip_special_tokens", False)], ids=str)
 def test_output_changing_fields_are_refused_by_name(http, field, value):
@@ -143,6 +144,30 @@ def test_penalties_and_logit_bias_reach_the_workers(http, cluster):
     ("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("repetition_penalty", 0)], ids=str)
 def test_steering_values_out_of_range_are_400_naming_the_field(http, field, value):
     _error(http.post("/v1/chat/completions", json={**CHAT, field: value}), 400, param=field)
+    _still_open(http)
+
+
+def test_response_format_travels_as_json_for_the_workers(http, cluster):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    body = {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema,
+                                                                             "strict": True}}}
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+    assert json.loads(cluster.sampling[-1].response_format) == {"type": "json_schema", "schema": schema}
+    assert http.post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "json_object"}}).status_code \
+        == 200
+    assert json.loads(cluster.sampling[-1].response_format) == {"type": "json_object"}
+    assert http.post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "text"}}).status_code == 200
+    assert cluster.sampling[-1].response_format == ""
+
+
+@pytest.mark.parametrize("json_schema, param", [
+    (None, "response_format.json_schema"), ({"schema": {}}, "response_format.json_schema"),
+    ({"name": "x", "schema": []}, "response_format.json_schema.schema"),
+    ({"name": "x", "schema": {"type": "nonsense"}}, "response_format.json_schema.schema"),
+    ({"name": "x", "schema": {"properties": 3}}, "response_format.json_schema.schema")], ids=str)
+def test_bad_json_schemas_are_400_naming_the_field(http, json_schema, param):
+    fmt = {"type": "json_schema", "json_schema": json_schema}
+    _error(http.post("/v1/chat/completions", json={**CHAT, "response_format": fmt}), 400, param=param)
     _still_open(http)
 
 
