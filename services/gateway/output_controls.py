@@ -8,8 +8,9 @@ json_schema is a JSON object a JSON Schema validator accepts, and sends it as te
 from __future__ import annotations
 
 import json
+import re
 
-from jsonschema.validators import validator_for
+from jsonschema.validators import Draft202012Validator, validator_for
 
 from crescent.services.gateway.errors import ApiError
 from crescent.services.gateway.schema import ResponseFormat
@@ -26,7 +27,7 @@ def logit_bias_ids(bias: dict[str, float] | None, vocab_size: int | None) -> dic
         raise ApiError(400, f"logit_bias holds {len(bias)} tokens; at most {MAX_LOGIT_BIAS}", param="logit_bias")
     out: dict[int, float] = {}
     for key, value in bias.items():
-        token = int(key) if key.strip().lstrip("-").isdigit() else None
+        token = int(key) if re.fullmatch(r"[0-9]{1,10}", key) else None
         if token is None or token < 0 or (vocab_size is not None and token >= vocab_size):
             raise ApiError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab_size})",
                            param="logit_bias")
@@ -53,7 +54,7 @@ def response_format_wire(fmt: ResponseFormat | None) -> str:
         raise ApiError(400, "response_format.json_schema.schema must be a JSON object",
                        param="response_format.json_schema.schema")
     try:
-        validator_for(schema).check_schema(schema)
+        validator_for(schema, default=Draft202012Validator).check_schema(schema)
     except Exception as exc:  # SchemaError, or a $schema we do not know
         raise ApiError(400, f"response_format.json_schema.schema is not a valid JSON Schema: "
                             f"{str(exc).splitlines()[0]}", param="response_format.json_schema.schema") from exc

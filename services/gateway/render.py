@@ -58,21 +58,30 @@ class CompletionRenderer:
     object_full = "text_completion"
     object_chunk = "text_completion"
 
-    def __init__(self, encoder: PromptEncoder, logprobs: int | None, n_choices: int):
+    def __init__(self, encoder: PromptEncoder, logprobs: int | None, n_choices: int,
+                 echo: list[str] | None = None):
         self.encoder = encoder
         self.logprobs = logprobs
         self._offsets = [0] * n_choices  # text_offset continues across a choice's chunks
+        self._echo = list(echo) if echo is not None else None
+        """echo=true: each choice's prompt text, sent before its first output (then cleared)."""
 
     def opening(self, n: int) -> list[dict]:
         return []
 
+    def _echoed(self, index: int, text: str) -> str:
+        if self._echo is None or not self._echo[index]:
+            return text
+        prompt, self._echo[index] = self._echo[index], ""
+        return prompt + text
+
     def chunk_choice(self, delta: Delta) -> dict:
-        return {"index": delta.index, "text": delta.text, "logprobs": self._logprobs(delta.index, delta.logprobs),
-                "finish_reason": delta.finish_reason}
+        return {"index": delta.index, "text": self._echoed(delta.index, delta.text),
+                "logprobs": self._logprobs(delta.index, delta.logprobs), "finish_reason": delta.finish_reason}
 
     def full_choice(self, state: ChoiceState) -> dict:
-        return {"index": state.index, "text": state.text, "logprobs": self._logprobs(state.index, state.logprobs),
-                "finish_reason": state.finish_reason}
+        return {"index": state.index, "text": self._echoed(state.index, state.text),
+                "logprobs": self._logprobs(state.index, state.logprobs), "finish_reason": state.finish_reason}
 
     def _logprobs(self, index: int, logprobs: list[common_pb2.TokenLogprob]) -> dict | None:
         if self.logprobs is None:

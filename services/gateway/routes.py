@@ -116,7 +116,14 @@ async def completions(body: CompletionRequest, request: Request):
     max_tokens = min(encoder.check_length(ids, body.max_tokens, param="prompt") for ids in prompt_ids)
     if body.max_tokens is None:  # an explicit null: bounded like chat's default, not the whole context
         max_tokens = min(max_tokens, st.settings.default_max_tokens)
-    renderer = CompletionRenderer(encoder, body.logprobs, len(prompt_ids) * body.n)
+    echo = None
+    if body.echo:  # OpenAI's echo with logprobs also scores the prompt, which the workers do not compute
+        if body.logprobs is not None:
+            raise ApiError(400, "echo together with logprobs is not supported (no prompt logprobs); drop one",
+                           param="echo", code="unsupported_parameter")
+        texts = [p if isinstance(p, str) else await st.offload(encoder.detokenize, p) for p in prompts]
+        echo = [t for t in texts for _ in range(body.n)]
+    renderer = CompletionRenderer(encoder, body.logprobs, len(prompt_ids) * body.n, echo)
     logprobs = -1 if body.logprobs is None else body.logprobs
     return await _serve(st, request, body, prompt_ids, max_tokens, logprobs, renderer, "completions")
 

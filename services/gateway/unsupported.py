@@ -57,6 +57,8 @@ _NOOP: dict[str, Callable[[Any], bool]] = {
     "chat_template_kwargs": _unset,
     "documents": _unset,
 }
+_SERVED = {"CompletionRequest": {"echo"}}
+"""Fields of _NOOP one endpoint does serve (completions echoes its prompt; chat does not)."""
 REFUSED_FIELDS = frozenset({*_NOOP, "best_of"})
 """Every request field refused unless at its no-op value."""
 _MESSAGE_NOOP: dict[str, Callable[[Any], bool]] = {
@@ -73,6 +75,8 @@ def check_supported(body: _SamplingFields) -> None:
     """Raise a 400 naming the first field that asks for something the engine does not do."""
     fields = type(body).model_fields
     for name, is_noop in _NOOP.items():
+        if name in _SERVED.get(type(body).__name__, ()):
+            continue
         if name in fields and not is_noop(getattr(body, name)):
             raise _refuse(name, f"'{name}'")
     if body.best_of is not None and body.best_of != body.n:

@@ -123,3 +123,28 @@ def test_a_schema_xgrammar_cannot_compile_is_400(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(?<=a)b"}}}
     with pytest.raises(openai.BadRequestError, match="response_format"):
         client.chat.completions.create(response_format=fmt, **_chat_kw())
+
+
+def test_echo_prepends_the_prompt_streaming_and_not(client, cluster):
+    plain = _complete(client, max_tokens=6)
+    echoed = _complete(client, max_tokens=6, echo=True)
+    assert echoed == PROMPT + plain
+    stream = client.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=6, temperature=0, echo=True, n=2,
+                                       stream=True, extra_body={"ignore_eos": True})
+    texts = ["", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [PROMPT + plain] * 2
+
+
+def test_token_ids_as_the_prompt_equal_the_text_prompt(client, cluster):
+    ids = _ids(cluster, PROMPT)
+    assert _complete(client, prompt=ids, max_tokens=6) == _complete(client, max_tokens=6)
+    assert _complete(client, prompt=ids, max_tokens=6, echo=True).startswith(PROMPT)
+
+
+def test_echo_with_logprobs_is_400(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        _complete(client, echo=True, logprobs=1)
+    assert err.value.body["param"] == "echo"
