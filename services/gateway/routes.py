@@ -26,7 +26,6 @@ from crescent.services.gateway.output_controls import logit_bias_ids, response_f
 from crescent.services.gateway.render import ChatRenderer, CompletionRenderer, chunk
 from crescent.services.gateway.schema import (
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     _SamplingFields,
     envelope,
@@ -35,6 +34,7 @@ from crescent.services.gateway.schema import (
 )
 from crescent.services.gateway.settings import GatewaySettings
 from crescent.services.gateway.tokens import PromptEncoder
+from crescent.services.gateway.tools import plan_tools, template_messages
 from crescent.services.gateway.unsupported import check_supported
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -92,15 +92,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     _check_common(st, body)
     if body.top_logprobs is not None and not body.logprobs:  # else the client waits for logprobs that never come
         raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    messages = [template_message(msg) for msg in body.messages]
+    plan = plan_tools(body)
+    if plan is not None and plan.calls and body.response_format is not None and body.response_format.type != "text":
+        raise ApiError(400, "response_format and a required or named tool_choice both constrain the output; "
+                            "send one", param="response_format")
     requested = body.requested_max_tokens()
     encoder = st.encoder  # the model watch may swap it meanwhile: one request, one tokenizer
-    prompt_ids = await st.offload(encoder.chat_ids, messages)
+    native = encoder.template_knows_tools
+    messages = template_messages(body.messages, plan, native)
+    tools = [{"type": "function", "function": t} for t in plan.tools] if plan is not None and native else None
+    prompt_ids = await st.offload(encoder.chat_ids, messages, True, tools)
     budget = encoder.check_length(prompt_ids, requested, param="messages")
     max_tokens = budget if requested is not None else min(budget, st.settings.default_max_tokens)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    renderer = ChatRenderer(encoder, top)
-    return await _serve(st, request, body, [prompt_ids], max_tokens, -1 if top is None else top, renderer, "chat")
+    renderer = ChatRenderer(encoder, top, plan)
+    return await _serve(st, request, body, [prompt_ids], max_tokens, -1 if top is None else top, renderer, "chat",
+                        grammar=plan.grammar() if plan is not None else "")
 
 
 @router.post("/v1/completions", responses=STREAM_RESPONSE)
@@ -139,20 +146,13 @@ def _check_common(st: GatewayState, body: _SamplingFields) -> None:
         raise ApiError(503, f"not ready: {st.ready_reason}", retry_after_s=st.settings.ready_poll_s)
 
 
-def template_message(msg: ChatMessage) -> dict:
-    """A message as chat templates take it (they know no "developer" role: it is the system prompt)."""
-    out = {"role": "system" if msg.role == "developer" else msg.role, "content": msg.text()}
-    if msg.name:
-        out["name"] = msg.name
-    return out
-
-
-def _steering(st: GatewayState, body: _SamplingFields) -> dict:
-    """The penalty, bias and structured-output fields of SamplingParams (the same for every choice)."""
+def _steering(st: GatewayState, body: _SamplingFields, grammar: str) -> dict:
+    """The penalty, bias and structured-output fields of SamplingParams (the same for every choice); ``grammar``
+    (a tool call's) takes the place of response_format."""
     return {"presence_penalty": body.presence_penalty or 0.0, "frequency_penalty": body.frequency_penalty or 0.0,
             "repetition_penalty": body.repetition_penalty or 1.0,
             "logit_bias": logit_bias_ids(body.logit_bias, getattr(st.encoder.tokenizer, "vocab_size", None)),
-            "response_format": response_format_wire(body.response_format)}
+            "response_format": grammar or response_format_wire(body.response_format)}
 
 
 def _sampling(body: _SamplingFields, max_tokens: int, logprobs: int, choice: int,
@@ -168,12 +168,12 @@ def _sampling(body: _SamplingFields, max_tokens: int, logprobs: int, choice: int
 
 
 async def _serve(st: GatewayState, request: Request, body: _SamplingFields, prompts: list[list[int]],
-                 max_tokens: int, logprobs: int, renderer, endpoint: str):
+                 max_tokens: int, logprobs: int, renderer, endpoint: str, grammar: str = ""):
     request_id = request.state.request_id
     # The client's X-Request-Id is for tracing and need not be unique; the cluster's ids must be.
     internal_id = f"{request_id[:64]}-{uuid.uuid4().hex[:8]}"
     subs = []
-    steering = _steering(st, body)
+    steering = _steering(st, body, grammar)
     all_hashes = await st.offload(lambda: [prefix_block_hashes(ids, st.settings.kv_block_size, st.hash_model_id)
                                            for ids in prompts])
     for p, (ids, hashes) in enumerate(zip(prompts, all_hashes, strict=True)):

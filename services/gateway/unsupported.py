@@ -40,8 +40,6 @@ _NOOP: dict[str, Callable[[Any], bool]] = {
     "truncate_prompt_tokens": _unset,
     "prompt_logprobs": _unset,
     "return_tokens_as_token_ids": _equals(False),
-    "tools": _unset,
-    "tool_choice": _equals("none"),
     "functions": _unset,
     "function_call": _equals("none"),
     "modalities": lambda v: v is None or set(v) <= {"text"},
@@ -62,7 +60,7 @@ _SERVED = {"CompletionRequest": {"echo"}}
 REFUSED_FIELDS = frozenset({*_NOOP, "best_of"})
 """Every request field refused unless at its no-op value."""
 _MESSAGE_NOOP: dict[str, Callable[[Any], bool]] = {
-    "tool_calls": _unset, "refusal": _unset, "function_call": _unset, "audio": _unset,
+    "refusal": _unset, "function_call": _unset, "audio": _unset,
 }
 
 

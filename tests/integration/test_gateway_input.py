@@ -109,22 +109,53 @@ def test_unknown_field_is_400_naming_it(http):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "auto"), ("best_of", 2), ("min_p", 0.1), ("echo", True),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("best_of", 2), ("min_p", 0.1), ("echo", True),
     ("guided_regex", "a+"), ("use_beam_search", True), ("skip_special_tokens", False)], ids=str)
 def test_output_changing_fields_are_refused_by_name(http, field, value):
-    _error(http.post("/v1/chat/completions", json={**CHAT, field: value}), 400, param=field,
+    param = "tool_choice" if field == "tools" else field  # tools alone mean tool_choice "auto": not served
+    _error(http.post("/v1/chat/completions", json={**CHAT, field: value}), 400, param=param,
            code="unsupported_parameter")
 
 
 @pytest.mark.parametrize("message, param", [
     ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
      "messages.0.content.0"),
-    ({"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}, "messages.0.tool_calls"),
-], ids=["image", "tool_calls"])
+], ids=["image"])
 def test_unsupported_message_contents_are_refused_by_name(http, message, param):
     body = {**CHAT, "messages": [message, {"role": "user", "content": "x"}]}
     _error(http.post("/v1/chat/completions", json=body), 400, param=param, code="unsupported_parameter")
+
+
+TOOL = {"type": "function", "function": {"name": "w", "parameters": {"properties": {"c": {"type": "string"}}}}}
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools.0"),
+    ({"tools": [TOOL, TOOL], "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}],
+      "tool_choice": "required"}, "tools.0.function.parameters"),
+    ({"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}]},
+     "messages.0.tool_calls"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "{x"}}]}]},
+     "messages.0.tool_calls")], ids=str)
+def test_bad_tool_requests_are_400_naming_the_field(http, extra, param):
+    _error(http.post("/v1/chat/completions", json={**CHAT, **extra}), 400, param=param)
+
+
+def test_a_named_tool_choice_sends_its_parameters_as_the_grammar(http, cluster):
+    body = {**CHAT, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "w"}}}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    fmt = json.loads(cluster.sampling[-1].response_format)
+    assert fmt == {"type": "json_schema", "schema": TOOL["function"]["parameters"]}
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] in ("tool_calls", "length")
+    call = choice["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "w" and call["id"].startswith("call_")
+    assert choice["message"]["content"] is None
 
 
 def test_penalties_and_logit_bias_reach_the_workers(http, cluster):

@@ -1,6 +1,7 @@
 """Output-steering fields through the real cluster (conductor, kvstore, prefill, decode, gateway as processes,
 a tiny random model), driven by the official openai client: penalties and logit_bias change greedy output as
-specified, and response_format constrains it to valid JSON (issue #17)."""
+specified, response_format constrains it to valid JSON, tool calls parse as their tools' schemas, echo and
+token-id prompts work (issue #17)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from typing import Literal
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
@@ -148,3 +150,68 @@ def test_echo_with_logprobs_is_400(client):
     with pytest.raises(openai.BadRequestError) as err:
         _complete(client, echo=True, logprobs=1)
     assert err.value.body["param"] == "echo"
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                            "unit": {"enum": ["c", "f"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"]}}}]
+ARGS = {"get_weather": WEATHER, "get_time": TOOLS[1]["function"]["parameters"]}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_required_tool_call_arguments_parse_as_the_tools_schema(client, cluster, temperature):
+    done = client.chat.completions.create(tools=TOOLS, tool_choice="required", n=2, seed=3, temperature=temperature,
+                                          **_chat_kw())
+    for choice in done.choices:
+        assert choice.finish_reason == "tool_calls", (choice, logs_tail(cluster[1]))
+        assert choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), ARGS[call.function.name])
+
+
+def test_named_tool_call_streams_argument_deltas(client, cluster):
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    stream = client.chat.completions.create(tools=TOOLS, tool_choice=choice, stream=True, **_chat_kw())
+    deltas, finish = [], None
+    for chunk in stream:
+        for c in chunk.choices:
+            deltas += c.delta.tool_calls or []
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls"
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
+    assert len(deltas) > 1 and all(d.index == 0 and d.id is None for d in deltas[1:])
+    jsonschema.validate(json.loads("".join(d.function.arguments or "" for d in deltas)), WEATHER)
+
+
+def test_the_stream_helper_accumulates_a_required_call(client):
+    with client.chat.completions.stream(tools=TOOLS, tool_choice="required", **_chat_kw()) as stream:
+        final = stream.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]
+    jsonschema.validate(json.loads(call.function.arguments), ARGS[call.function.name])
+
+
+def test_tool_calls_and_results_in_history_reach_the_model(client, cluster):
+    """A conversation that called a tool and got its result: the template renders the call and the result (chat
+    and /tokenize alike), and tool_choice "none" answers in plain text."""
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 25 C"}]
+    done = client.chat.completions.create(model=TINY_NAME, messages=messages, tools=TOOLS, tool_choice="none",
+                                          max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    assert done.choices[0].finish_reason == "length" and done.choices[0].message.tool_calls is None
+    assert done.choices[0].message.content
+    plan, _ = cluster
+    ids = httpx.post(plan.gateway_url + "/tokenize", json={"model": TINY_NAME, "messages": messages}, timeout=10,
+                     trust_env=False).json()["tokens"]
+    prompt = httpx.post(plan.gateway_url + "/detokenize", json={"model": TINY_NAME, "tokens": ids}, timeout=10,
+                        trust_env=False).json()["prompt"]
+    assert '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}' in prompt
+    assert "tool\nsunny, 25 C" in prompt
+    with_tools = done.usage.prompt_tokens
+    assert with_tools > len(ids)  # the tools' descriptions are in the chat prompt too
