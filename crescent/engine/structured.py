@@ -14,14 +14,11 @@ response_format never load it.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from collections import OrderedDict
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 GRAMMAR_CACHE_SIZE = 64
 """Compiled grammars kept per engine (an LRU keyed by the response_format text)."""
@@ -47,37 +44,41 @@ class GrammarCompiler:
         self._tokenizer, self._vocab_size, self._stop_ids = tokenizer, vocab_size, sorted(stop_token_ids)
         self._compiler: Any = None
         self._cache: OrderedDict[str, Any] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache_lock = threading.Lock()  # held only around the LRU: the engine thread never waits on a compile
+        self._init_lock = threading.Lock()
 
     def _xgr_compiler(self) -> Any:
-        if self._compiler is None:
-            import xgrammar as xgr
-            from transformers import PreTrainedTokenizerFast
+        with self._init_lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+                from transformers import PreTrainedTokenizerFast
 
-            backend = getattr(self._tokenizer, "backend", None)
-            if backend is None:
-                raise ValueError("structured outputs need the model's Hugging Face tokenizer (tokenizer.json)")
-            info = xgr.TokenizerInfo.from_huggingface(PreTrainedTokenizerFast(tokenizer_object=backend),
-                                                      vocab_size=self._vocab_size, stop_token_ids=self._stop_ids)
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-        return self._compiler
+                backend = getattr(self._tokenizer, "backend", None)
+                if backend is None:
+                    raise ValueError("response_format needs the model's Hugging Face tokenizer (tokenizer.json)")
+                info = xgr.TokenizerInfo.from_huggingface(PreTrainedTokenizerFast(tokenizer_object=backend),
+                                                          vocab_size=self._vocab_size, stop_token_ids=self._stop_ids)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+            return self._compiler
 
     def compile(self, response_format: str) -> Any:
-        """The CompiledGrammar of a response_format (cached); ValueError when the schema cannot be compiled."""
+        """The CompiledGrammar of a response_format (cached); ValueError when the schema cannot be compiled.
+        AsyncEngine calls it off the engine thread first, so add_request usually finds it cached."""
         schema = _schema_of(response_format)
-        with self._lock:
+        with self._cache_lock:
             compiled = self._cache.get(schema)
             if compiled is not None:
                 self._cache.move_to_end(schema)
                 return compiled
-            try:
-                compiled = self._xgr_compiler().compile_json_schema(schema, any_whitespace=False, strict_mode=True)
-            except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar reports an unsupported schema so
-                raise ValueError(f"response_format schema cannot be compiled: {exc}") from exc
+        try:
+            compiled = self._xgr_compiler().compile_json_schema(schema, any_whitespace=False, strict_mode=True)
+        except (RuntimeError, ValueError, TypeError) as exc:  # how xgrammar reports a schema it cannot take
+            raise ValueError(f"response_format schema cannot be compiled: {exc}") from exc
+        with self._cache_lock:
             self._cache[schema] = compiled
             if len(self._cache) > GRAMMAR_CACHE_SIZE:
                 self._cache.popitem(last=False)
-            return compiled
+        return compiled
 
     def matcher(self, response_format: str) -> Any:
         """A fresh GrammarMatcher for one request."""
