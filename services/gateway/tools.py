@@ -81,7 +81,8 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan | None:
                             "this server yet; send 'required', 'none' or a named function",
                        param="tool_choice", code="unsupported_parameter")
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        fn = choice.get("function") if choice.get("type") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
         if name not in names:
             raise ApiError(400, f"tool_choice must name one of the tools {names}", param="tool_choice")
         choice = name

@@ -49,6 +49,14 @@ def test_none_has_no_grammar_and_auto_is_refused():
     assert err.value.body()["error"]["param"] == "tool_choice"
 
 
+@pytest.mark.parametrize("choice", [{"type": "function", "function": "search"}, {"type": "function"},
+                                    {"type": "tool", "function": {"name": "search"}}], ids=str)
+def test_malformed_named_choices_are_400(choice):
+    with pytest.raises(ApiError) as err:
+        plan_tools(_body(tools=TOOLS, tool_choice=choice))
+    assert err.value.status == 400 and err.value.body()["error"]["param"] == "tool_choice"
+
+
 def _history() -> list[ChatMessage]:
     return [ChatMessage(role="user", content="find x"),
             ChatMessage(role="assistant", tool_calls=[{"id": "c1", "type": "function",
