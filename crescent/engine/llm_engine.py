@@ -107,7 +107,11 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate: this engine's max_model_len "
                              f"is {self.max_model_len}")
-        grammar = self._grammar_for(params, forced)
+        if params.prior_outputs >= len(prompt_token_ids):
+            raise ValueError(f"prior_outputs={params.prior_outputs} leaves no prompt of the "
+                             f"{len(prompt_token_ids)} tokens")
+        grammar = self._grammar_for(params, list(prompt_token_ids[len(prompt_token_ids) - params.prior_outputs:])
+                                    + forced)
         if import_kv is not None:
             self.import_blocks(*import_kv)
         seq = Sequence(request_id, list(prompt_token_ids), params, forced, hold_kv)
@@ -127,14 +131,14 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def _grammar_for(self, params: SamplingParams, forced: list[int]) -> Any:
-        """A matcher for the request's response_format, advanced past the forced outputs (generated elsewhere
-        under the same grammar); None for free text."""
+        """A matcher for the request's response_format, advanced past outputs generated elsewhere under the same
+        grammar (a resumed stream's prior outputs, prefill's first token); None for free text."""
         if not params.response_format:
             return None
         grammar = self.grammars.matcher(params.response_format)
         for t in forced:
             if not grammar.accept_token(t):
-                raise ValueError(f"forced output token {t} is not allowed by the request's response_format")
+                raise ValueError(f"earlier output token {t} is not allowed by the request's response_format")
         return grammar
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -293,10 +297,12 @@ class LLMEngine:
 
 
 def _sample_request(req: _Request) -> SampleRequest:
-    seq = req.seq
+    seq, prior = req.seq, req.seq.params.prior_outputs
+    index = seq.num_outputs + prior  # a resumed stream's outputs continue the original's
     if not seq.params.has_penalties:  # skip copying the token history every step
-        return SampleRequest(seq.params, seq.num_outputs, grammar=req.grammar)
-    return SampleRequest(seq.params, seq.num_outputs, seq.token_ids[:seq.prompt_len], seq.output_ids, req.grammar)
+        return SampleRequest(seq.params, index, grammar=req.grammar)
+    split = seq.prompt_len - prior
+    return SampleRequest(seq.params, index, seq.token_ids[:split], seq.token_ids[split:], req.grammar)
 
 
 def _select_attention_backend(model, name: str) -> None:

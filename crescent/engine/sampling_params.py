@@ -42,6 +42,10 @@ class SamplingParams:
     """Structured output, as the JSON of ``{"type": "json_object"}`` or ``{"type": "json_schema", "schema": ...}``;
     "" = free text. The engine constrains every sampled token to the grammar and ends the request when it ends."""
 
+    prior_outputs: int = 0
+    """A resumed stream (its worker died): the prompt's last N tokens are outputs sent before. The grammar starts
+    after them, penalties count them as outputs and seeded draws continue at output index N."""
+
     @property
     def has_penalties(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
@@ -74,6 +78,8 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must be token ids in [0, vocab size), got {t!r}")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not isinstance(self.prior_outputs, int) or self.prior_outputs < 0:
+            raise ValueError(f"prior_outputs must be an integer >= 0, got {self.prior_outputs!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

@@ -40,7 +40,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
                           ignore_eos=p.ignore_eos, logprobs=p.logprobs if p.logprobs >= 0 else None,
                           presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                           repetition_penalty=p.repetition_penalty or 1.0, logit_bias=dict(p.logit_bias),
-                          response_format=p.response_format)
+                          response_format=p.response_format, prior_outputs=p.prior_outputs)
 
 
 def logprob_to_proto(lp: tuple[int, float, list[tuple[int, float]]]) -> common_pb2.TokenLogprob:

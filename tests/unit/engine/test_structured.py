@@ -88,3 +88,22 @@ def test_bad_response_formats_are_value_errors(engine, fmt):
 
 def test_compiled_grammars_are_cached(engine):
     assert engine.grammars.compile(FORMAT) is engine.grammars.compile(FORMAT)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_a_resumed_stream_continues_the_grammar_penalties_and_seed(engine, temperature):
+    """The gateway resumes a choice whose worker died with prompt + tokens sent and prior_outputs = how many: the
+    continuation is exactly the rest of the undisturbed output."""
+    def params(prior: int = 0) -> SamplingParams:
+        return SamplingParams(temperature=temperature, seed=11, max_tokens=120 - prior, response_format=FORMAT,
+                              frequency_penalty=0.7, prior_outputs=prior)
+    whole = engine.generate([_prompt(engine)], params())[0]
+    k = 5
+    rest = engine.generate([_prompt(engine) + whole.token_ids[:k]], params(k))[0]
+    assert rest.token_ids == whole.token_ids[k:]
+    jsonschema.validate(json.loads(whole.text), SCHEMA)
+
+
+def test_prior_outputs_must_leave_a_prompt(engine):
+    with pytest.raises(ValueError, match="prior_outputs"):
+        engine.add_request("all-prior", [1, 2], SamplingParams(prior_outputs=2))
