@@ -114,6 +114,13 @@ def test_streamed_json_schema_output_is_valid_for_every_choice(client, cluster):
         Pet.model_validate_json(text)
 
 
+def test_the_stream_helper_parses_a_pydantic_model_for_every_choice(client, cluster):
+    with client.chat.completions.stream(response_format=Pet, n=2, seed=21, temperature=1.0, **_chat_kw()) as stream:
+        final = stream.get_final_completion()
+    assert [c.finish_reason for c in final.choices] == ["stop", "stop"], logs_tail(cluster[1])
+    assert all(isinstance(c.message.parsed, Pet) for c in final.choices)
+
+
 def test_json_object_through_the_cluster(client):
     bias = {str(t): 100 for t in (6150,)}  # "{}" in the SmolLM2 vocabulary: a random model needs a nudge to end
     done = client.chat.completions.create(response_format={"type": "json_object"}, logit_bias=bias, **_chat_kw())
