@@ -151,6 +151,8 @@ class AsyncEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
         finished = added = False
         try:
+            if params.response_format:  # compile (and load xgrammar) here, not between two steps of the batch
+                await asyncio.to_thread(self.engine.grammars.compile, params.response_format)
             await self.call(lambda e: e.add_request(request_id, prompt_ids, params, **add_request_kwargs))
             added = True
             while not finished:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ from crescent.engine.sampling_params import SamplingParams
 from crescent.engine.scheduler import Scheduler, SchedulerConfig
 from crescent.engine.sequence import Sequence, SequenceStatus
 from crescent.engine.settings import EngineSettings
+from crescent.engine.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class _Request:
     unreported: list[int] = field(default_factory=list)
     """Forced outputs not yet returned in a RequestOutput."""
     finish_reason: str | None = None
+    grammar: Any = None
+    """The structured-output GrammarMatcher, advanced on every output token; None for free text."""
 
 
 class LLMEngine:
@@ -62,6 +66,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, bs)
         # the tokenizer's end-of-turn ids and the model config's EOS both end a request
         self.eos_token_ids = set(getattr(tokenizer, "eos_token_ids", None) or ()) | set(self.config.eos_token_ids)
+        self.grammars = GrammarCompiler(tokenizer, self.config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.held: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # outputs decided outside step() (finished on arrival)
@@ -102,20 +107,39 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate: this engine's max_model_len "
                              f"is {self.max_model_len}")
+        if params.prior_outputs >= len(prompt_token_ids):
+            raise ValueError(f"prior_outputs={params.prior_outputs} leaves no prompt of the "
+                             f"{len(prompt_token_ids)} tokens")
+        grammar = self._grammar_for(params, list(prompt_token_ids[len(prompt_token_ids) - params.prior_outputs:])
+                                    + forced)
         if import_kv is not None:
             self.import_blocks(*import_kv)
         seq = Sequence(request_id, list(prompt_token_ids), params, forced, hold_kv)
         detok = IncrementalDetokenizer(self.tokenizer or _NoText(), seq.token_ids[:seq.prompt_len], params,
                                        self.eos_token_ids)
-        req = _Request(seq, detok, unreported=forced)
+        req = _Request(seq, detok, unreported=forced, grammar=grammar)
         self.requests[request_id] = req
         for t in forced:
             reason = req.detok.add(t)
+            if reason is None and grammar is not None and grammar.is_terminated():
+                reason = "stop"
+                req.detok.finish(reason)
             if reason is not None:  # the forced tokens alone end it: nothing to compute
                 seq.status = SequenceStatus.FINISHED
                 self._pending.append(self._finish(req, reason, [], None))
                 return
         self.scheduler.add(seq)
+
+    def _grammar_for(self, params: SamplingParams, forced: list[int]) -> Any:
+        """A matcher for the request's response_format, advanced past outputs generated elsewhere under the same
+        grammar (a resumed stream's prior outputs, prefill's first token); None for free text."""
+        if not params.response_format:
+            return None
+        grammar = self.grammars.matcher(params.response_format)
+        for t in forced:
+            if not grammar.accept_token(t):
+                raise ValueError(f"earlier output token {t} is not allowed by the request's response_format")
+        return grammar
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks (held ones too). Unknown ids are ignored."""
@@ -143,7 +167,7 @@ class LLMEngine:
             logits = self.runner.run(batch)
             tokens, logprobs = ([], [])
             if samplers:
-                reqs = [SampleRequest(i.seq.params, i.seq.num_outputs) for i in samplers]
+                reqs = [_sample_request(self.requests[i.seq.request_id]) for i in samplers]
                 tokens, logprobs = sample(logits, reqs)
         except Exception as exc:  # a failed forward fails its batch, never the engine
             log.exception("engine step failed; aborting %d requests", len(batch.seqs))
@@ -169,6 +193,13 @@ class LLMEngine:
 
     def _on_token(self, req: _Request, token: int, logprob: Logprob | None) -> RequestOutput:
         reason = req.detok.add(token)
+        if req.grammar is not None and reason is None:
+            accepted = req.grammar.accept_token(token)
+            if not accepted:  # the mask allowed it, so this is a bug; end the request rather than the engine
+                log.error("request %s: token %d rejected by its grammar; ending it", req.seq.request_id, token)
+            if not accepted or req.grammar.is_terminated():
+                reason = "stop"
+                req.detok.finish(reason)
         if reason is None and req.seq.num_tokens >= self.max_model_len:
             reason = "length"
             req.detok.finish(reason)
@@ -263,6 +294,15 @@ class LLMEngine:
             running_context_tokens=sum(s.num_tokens for s in sch.running),
             prefix_query_tokens=sch.prefix_query_tokens, prefix_hit_tokens=sch.prefix_hit_tokens,
             preemptions=sch.num_preemptions)
+
+
+def _sample_request(req: _Request) -> SampleRequest:
+    seq, prior = req.seq, req.seq.params.prior_outputs
+    index = seq.num_outputs + prior  # a resumed stream's outputs continue the original's
+    if not seq.params.has_penalties:  # skip copying the token history every step
+        return SampleRequest(seq.params, index, grammar=req.grammar)
+    split = seq.prompt_len - prior
+    return SampleRequest(seq.params, index, seq.token_ids[:split], seq.token_ids[split:], req.grammar)
 
 
 def _select_attention_backend(model, name: str) -> None:

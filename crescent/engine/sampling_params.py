@@ -29,6 +29,27 @@ class SamplingParams:
     """Keep generating past the model's EOS tokens."""
     logprobs: int | None = None
     """None: no logprobs; N >= 0: the sampled token's logprob plus the top N alternatives."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted once from the logit of every token already in the output (-2..2)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time it is already in the output (-2..2)."""
+    repetition_penalty: float = 1.0
+    """vLLM's (CTRL's): logits of tokens in the prompt or output are divided by it when positive, multiplied when
+    negative; 1 is off, > 1 discourages repeats."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """OpenAI's: token id -> value (-100..100) added to that token's logit before sampling."""
+    response_format: str = ""
+    """Structured output, as the JSON of ``{"type": "json_object"}`` or ``{"type": "json_schema", "schema": ...}``;
+    "" = free text. The engine constrains every sampled token to the grammar and ends the request when it ends."""
+
+    prior_outputs: int = 0
+    """A resumed stream (its worker died): the prompt's last N tokens are outputs sent before. The grammar starts
+    after them, penalties count them as outputs and seeded draws continue at output index N."""
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -57,4 +78,16 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must be token ids in [0, vocab size), got {t!r}")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not isinstance(self.prior_outputs, int) or self.prior_outputs < 0:
+            raise ValueError(f"prior_outputs must be an integer >= 0, got {self.prior_outputs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            raise ValueError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}")
+        for t, v in self.logit_bias.items():
+            if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
+                raise ValueError(f"logit_bias keys must be token ids in [0, vocab size), got {t!r}")
+            if not -100.0 <= v <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {v} for token {t}")
         return self

@@ -151,6 +151,7 @@ class Run:
         sampling.CopyFrom(original.sampling)
         sampling.max_tokens = max(1, original.sampling.max_tokens - len(sent))
         sampling.min_tokens = max(0, original.sampling.min_tokens - len(sent))
+        sampling.prior_outputs = len(sent)  # the grammar, penalties and seeded draws continue after them
         attempt = sub.request_id.rsplit("~", 1)
         n = int(attempt[1]) + 1 if len(attempt) == 2 and attempt[1].isdigit() else 1
         resumed = replace(original, request_id=f"{original.request_id}~{n}", prompt_ids=prompt,

@@ -8,6 +8,7 @@ from crescent.proto.v1 import common_pb2
 from crescent.services.gateway.generation import ChoiceState, Delta
 from crescent.services.gateway.schema import envelope
 from crescent.services.gateway.tokens import PromptEncoder
+from crescent.services.gateway.tools import ToolPlan, new_call_id
 
 MIN_LOGPROB = -9999.0
 """What a -inf (or NaN) logprob is sent as, as vLLM does: JSON has no infinity, and strict parsers refuse it."""
@@ -21,23 +22,56 @@ class ChatRenderer:
     object_full = "chat.completion"
     object_chunk = "chat.completion.chunk"
 
-    def __init__(self, encoder: PromptEncoder, top_logprobs: int | None):
+    def __init__(self, encoder: PromptEncoder, top_logprobs: int | None, tools: ToolPlan | None = None):
         self.encoder = encoder
         self.top_logprobs = top_logprobs  # None = logprobs off
+        self.tools = tools if tools is not None and tools.calls else None
+        """Set when the output is a tool call: rendered as tool_calls, not content."""
+        self._call_ids: dict[int, str] = {}
+        self._buffered: dict[int, str] = {}  # tool_choice "required": the name is known once the call is whole
 
     def opening(self, n: int) -> list[dict]:
         """The first chunk of each choice carries the role (as OpenAI's streams do)."""
-        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                for i in range(n)]
+        content = None if self.tools else ""
+        return [{"index": i, "delta": {"role": "assistant", "content": content}, "logprobs": None,
+                 "finish_reason": None} for i in range(n)]
 
     def chunk_choice(self, delta: Delta) -> dict:
         body: dict = {"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
                       "logprobs": self._logprobs(delta.logprobs), "finish_reason": delta.finish_reason}
+        if self.tools:
+            body["delta"] = self._tool_delta(delta)
+            body["finish_reason"] = _call_finish(delta.finish_reason)
         return body
 
+    def _tool_delta(self, delta: Delta) -> dict:
+        """Named function: its arguments stream as they come. "required": one delta with the whole call at the
+        end (which function is called is only known once its JSON is complete)."""
+        i = delta.index
+        if self.tools.choice == "required":
+            self._buffered[i] = self._buffered.get(i, "") + delta.text
+            if delta.finish_reason is None:
+                return {}
+            name, args = self.tools.call_of(self._buffered.pop(i))
+            return {"tool_calls": [self._call(i, name, args)]}
+        if i not in self._call_ids:
+            return {"tool_calls": [self._call(i, self.tools.choice, delta.text)]}
+        return {"tool_calls": [{"index": 0, "function": {"arguments": delta.text}}]} if delta.text else {}
+
+    def _call(self, i: int, name: str, arguments: str) -> dict:
+        call_id = self._call_ids.setdefault(i, new_call_id())
+        return {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
     def full_choice(self, state: ChoiceState) -> dict:
-        return {"index": state.index, "message": {"role": "assistant", "content": state.text},
-                "logprobs": self._logprobs(state.logprobs), "finish_reason": state.finish_reason}
+        message: dict = {"role": "assistant", "content": state.text}
+        finish = state.finish_reason
+        if self.tools:
+            name, args = self.tools.call_of(state.text)
+            call = self._call(state.index, name, args)
+            del call["index"]
+            message, finish = {"role": "assistant", "content": None, "tool_calls": [call]}, _call_finish(finish)
+        return {"index": state.index, "message": message, "logprobs": self._logprobs(state.logprobs),
+                "finish_reason": finish}
 
     def _entry(self, token_id: int, logprob: float) -> dict:
         text = self.encoder.token_str(token_id)
@@ -58,21 +92,30 @@ class CompletionRenderer:
     object_full = "text_completion"
     object_chunk = "text_completion"
 
-    def __init__(self, encoder: PromptEncoder, logprobs: int | None, n_choices: int):
+    def __init__(self, encoder: PromptEncoder, logprobs: int | None, n_choices: int,
+                 echo: list[str] | None = None):
         self.encoder = encoder
         self.logprobs = logprobs
         self._offsets = [0] * n_choices  # text_offset continues across a choice's chunks
+        self._echo = list(echo) if echo is not None else None
+        """echo=true: each choice's prompt text, sent before its first output (then cleared)."""
 
     def opening(self, n: int) -> list[dict]:
         return []
 
+    def _echoed(self, index: int, text: str) -> str:
+        if self._echo is None or not self._echo[index]:
+            return text
+        prompt, self._echo[index] = self._echo[index], ""
+        return prompt + text
+
     def chunk_choice(self, delta: Delta) -> dict:
-        return {"index": delta.index, "text": delta.text, "logprobs": self._logprobs(delta.index, delta.logprobs),
-                "finish_reason": delta.finish_reason}
+        return {"index": delta.index, "text": self._echoed(delta.index, delta.text),
+                "logprobs": self._logprobs(delta.index, delta.logprobs), "finish_reason": delta.finish_reason}
 
     def full_choice(self, state: ChoiceState) -> dict:
-        return {"index": state.index, "text": state.text, "logprobs": self._logprobs(state.index, state.logprobs),
-                "finish_reason": state.finish_reason}
+        return {"index": state.index, "text": self._echoed(state.index, state.text),
+                "logprobs": self._logprobs(state.index, state.logprobs), "finish_reason": state.finish_reason}
 
     def _logprobs(self, index: int, logprobs: list[common_pb2.TokenLogprob]) -> dict | None:
         if self.logprobs is None:
@@ -86,6 +129,10 @@ class CompletionRenderer:
             offsets.append(self._offsets[index])
             self._offsets[index] += len(text)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _call_finish(reason: str | None) -> str | None:
+    return "tool_calls" if reason == "stop" else reason
 
 
 def chunk(renderer: ChatRenderer | CompletionRenderer, request_id: str, model: str, created: int,

@@ -22,10 +22,10 @@ from crescent.services.gateway import sse
 from crescent.services.gateway.backend import ClusterClient, SubRequest
 from crescent.services.gateway.errors import ERROR_RESPONSES, STREAM_RESPONSE, ApiError
 from crescent.services.gateway.generation import Run
+from crescent.services.gateway.output_controls import logit_bias_ids, response_format_wire
 from crescent.services.gateway.render import ChatRenderer, CompletionRenderer, chunk
 from crescent.services.gateway.schema import (
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     _SamplingFields,
     envelope,
@@ -34,6 +34,7 @@ from crescent.services.gateway.schema import (
 )
 from crescent.services.gateway.settings import GatewaySettings
 from crescent.services.gateway.tokens import PromptEncoder
+from crescent.services.gateway.tools import plan_tools, template_messages
 from crescent.services.gateway.unsupported import check_supported
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -91,15 +92,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     _check_common(st, body)
     if body.top_logprobs is not None and not body.logprobs:  # else the client waits for logprobs that never come
         raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    messages = [template_message(msg) for msg in body.messages]
+    plan = plan_tools(body)
+    if plan is not None and plan.calls and body.response_format is not None and body.response_format.type != "text":
+        raise ApiError(400, "response_format and a required or named tool_choice both constrain the output; "
+                            "send one", param="response_format")
     requested = body.requested_max_tokens()
     encoder = st.encoder  # the model watch may swap it meanwhile: one request, one tokenizer
-    prompt_ids = await st.offload(encoder.chat_ids, messages)
+    native = encoder.template_knows_tools
+    messages = template_messages(body.messages, plan, native)
+    tools = [{"type": "function", "function": t} for t in plan.tools] if plan is not None and native else None
+    prompt_ids = await st.offload(encoder.chat_ids, messages, True, tools)
     budget = encoder.check_length(prompt_ids, requested, param="messages")
     max_tokens = budget if requested is not None else min(budget, st.settings.default_max_tokens)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    renderer = ChatRenderer(encoder, top)
-    return await _serve(st, request, body, [prompt_ids], max_tokens, -1 if top is None else top, renderer, "chat")
+    renderer = ChatRenderer(encoder, top, plan)
+    return await _serve(st, request, body, [prompt_ids], max_tokens, -1 if top is None else top, renderer, "chat",
+                        grammar=plan.grammar() if plan is not None else "")
 
 
 @router.post("/v1/completions", responses=STREAM_RESPONSE)
@@ -115,7 +123,14 @@ async def completions(body: CompletionRequest, request: Request):
     max_tokens = min(encoder.check_length(ids, body.max_tokens, param="prompt") for ids in prompt_ids)
     if body.max_tokens is None:  # an explicit null: bounded like chat's default, not the whole context
         max_tokens = min(max_tokens, st.settings.default_max_tokens)
-    renderer = CompletionRenderer(encoder, body.logprobs, len(prompt_ids) * body.n)
+    echo = None
+    if body.echo:  # OpenAI's echo with logprobs also scores the prompt, which the workers do not compute
+        if body.logprobs is not None:
+            raise ApiError(400, "echo together with logprobs is not supported (no prompt logprobs); drop one",
+                           param="echo", code="unsupported_parameter")
+        texts = [p if isinstance(p, str) else await st.offload(encoder.detokenize, p) for p in prompts]
+        echo = [t for t in texts for _ in range(body.n)]
+    renderer = CompletionRenderer(encoder, body.logprobs, len(prompt_ids) * body.n, echo)
     logprobs = -1 if body.logprobs is None else body.logprobs
     return await _serve(st, request, body, prompt_ids, max_tokens, logprobs, renderer, "completions")
 
@@ -131,16 +146,18 @@ def _check_common(st: GatewayState, body: _SamplingFields) -> None:
         raise ApiError(503, f"not ready: {st.ready_reason}", retry_after_s=st.settings.ready_poll_s)
 
 
-def template_message(msg: ChatMessage) -> dict:
-    """A message as chat templates take it (they know no "developer" role: it is the system prompt)."""
-    out = {"role": "system" if msg.role == "developer" else msg.role, "content": msg.text()}
-    if msg.name:
-        out["name"] = msg.name
-    return out
+def _steering(st: GatewayState, body: _SamplingFields, grammar: str) -> dict:
+    """The penalty, bias and structured-output fields of SamplingParams (the same for every choice); ``grammar``
+    (a tool call's) takes the place of response_format."""
+    return {"presence_penalty": body.presence_penalty or 0.0, "frequency_penalty": body.frequency_penalty or 0.0,
+            "repetition_penalty": body.repetition_penalty or 1.0,
+            "logit_bias": logit_bias_ids(body.logit_bias, getattr(st.encoder.tokenizer, "vocab_size", None)),
+            "response_format": grammar or response_format_wire(body.response_format)}
 
 
-def _sampling(body: _SamplingFields, max_tokens: int, logprobs: int, choice: int) -> common_pb2.SamplingParams:
-    params = common_pb2.SamplingParams(
+def _sampling(body: _SamplingFields, max_tokens: int, logprobs: int, choice: int,
+              steering: dict) -> common_pb2.SamplingParams:
+    params = common_pb2.SamplingParams(**steering,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else max(body.top_p, MIN_TOP_P), top_k=body.top_k or -1, max_tokens=max_tokens,
         stop=body.stop_list(), stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos,
@@ -151,18 +168,19 @@ def _sampling(body: _SamplingFields, max_tokens: int, logprobs: int, choice: int
 
 
 async def _serve(st: GatewayState, request: Request, body: _SamplingFields, prompts: list[list[int]],
-                 max_tokens: int, logprobs: int, renderer, endpoint: str):
+                 max_tokens: int, logprobs: int, renderer, endpoint: str, grammar: str = ""):
     request_id = request.state.request_id
     # The client's X-Request-Id is for tracing and need not be unique; the cluster's ids must be.
     internal_id = f"{request_id[:64]}-{uuid.uuid4().hex[:8]}"
     subs = []
+    steering = _steering(st, body, grammar)
     all_hashes = await st.offload(lambda: [prefix_block_hashes(ids, st.settings.kv_block_size, st.hash_model_id)
                                            for ids in prompts])
     for p, (ids, hashes) in enumerate(zip(prompts, all_hashes, strict=True)):
         for j in range(body.n):
             k = p * body.n + j
             subs.append(SubRequest(f"{internal_id}-{k}", st.model_id, ids, hashes, _sampling(body, max_tokens,
-                                                                                         logprobs, j)))
+                                                                                         logprobs, j, steering)))
     run = Run(st.client, subs, hasher=lambda ids: prefix_block_hashes(ids, st.settings.kv_block_size, st.hash_model_id),
               resume_timeout_s=st.settings.resume_timeout_s)
     await run.place_all(max_tokens)  # a rejection is a plain 429 here, before any byte is sent

@@ -8,8 +8,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from crescent.services.gateway.errors import ERROR_RESPONSES, ApiError
-from crescent.services.gateway.routes import GatewayState, template_message
+from crescent.services.gateway.routes import GatewayState
 from crescent.services.gateway.schema import DetokenizeRequest, TokenizeRequest
+from crescent.services.gateway.tools import template_messages
 from crescent.services.gateway.unsupported import check_message
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -35,7 +36,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
                            param="add_special_tokens")
         for i, message in enumerate(body.messages):
             check_message(i, message)
-        messages = [template_message(m) for m in body.messages]
+        messages = template_messages(body.messages, None, encoder.template_knows_tools)  # as chat renders them
         ids = await st.offload(encoder.chat_ids, messages, body.add_generation_prompt)
     else:
         ids = await st.offload(encoder.text_ids, body.prompt, body.add_special_tokens)

@@ -32,9 +32,17 @@ class PromptEncoder:
         self.max_prompt_chars = None if bound is None else max_model_len * bound
         """Longer text cannot fit the context whatever its tokens: refused without spending seconds on it."""
 
-    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    @property
+    def template_knows_tools(self) -> bool:
+        """The chat template renders ``tools`` and ``tool_calls`` itself (else tools.py writes them as text)."""
+        return "tools" in (getattr(self.tokenizer, "chat_template", None) or "")
+
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                 tools: list[dict] | None = None) -> list[int]:
+        kwargs = {"tools": tools} if tools is not None else {}
         try:
-            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                          **kwargs)
         except Exception as exc:  # a template raising (e.g. on roles it forbids) is the client's mistake
             raise ApiError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
         if not isinstance(rendered, str):

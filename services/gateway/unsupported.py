@@ -25,16 +25,11 @@ def _equals(*noop: Any) -> Callable[[Any], bool]:
 
 # field -> "this value changes nothing" (fields a request class lacks are skipped)
 _NOOP: dict[str, Callable[[Any], bool]] = {
-    "presence_penalty": _equals(0.0),
-    "frequency_penalty": _equals(0.0),
-    "repetition_penalty": _equals(1.0),
-    "logit_bias": _unset,
     "min_p": _equals(0.0),
     "use_beam_search": _equals(False),
     "length_penalty": _equals(1.0),
     "include_stop_str_in_output": _equals(False),
     "skip_special_tokens": _equals(True),
-    "response_format": lambda v: v is None or v.type == "text",
     "guided_json": _unset,
     "guided_regex": _unset,
     "guided_choice": _unset,
@@ -45,8 +40,6 @@ _NOOP: dict[str, Callable[[Any], bool]] = {
     "truncate_prompt_tokens": _unset,
     "prompt_logprobs": _unset,
     "return_tokens_as_token_ids": _equals(False),
-    "tools": _unset,
-    "tool_choice": _equals("none"),
     "functions": _unset,
     "function_call": _equals("none"),
     "modalities": lambda v: v is None or set(v) <= {"text"},
@@ -62,10 +55,12 @@ _NOOP: dict[str, Callable[[Any], bool]] = {
     "chat_template_kwargs": _unset,
     "documents": _unset,
 }
+_SERVED = {"CompletionRequest": {"echo"}}
+"""Fields of _NOOP one endpoint does serve (completions echoes its prompt; chat does not)."""
 REFUSED_FIELDS = frozenset({*_NOOP, "best_of"})
 """Every request field refused unless at its no-op value."""
 _MESSAGE_NOOP: dict[str, Callable[[Any], bool]] = {
-    "tool_calls": _unset, "refusal": _unset, "function_call": _unset, "audio": _unset,
+    "refusal": _unset, "function_call": _unset, "audio": _unset,
 }
 
 
@@ -78,6 +73,8 @@ def check_supported(body: _SamplingFields) -> None:
     """Raise a 400 naming the first field that asks for something the engine does not do."""
     fields = type(body).model_fields
     for name, is_noop in _NOOP.items():
+        if name in _SERVED.get(type(body).__name__, ()):
+            continue
         if name in fields and not is_noop(getattr(body, name)):
             raise _refuse(name, f"'{name}'")
     if body.best_of is not None and body.best_of != body.n:

@@ -37,7 +37,10 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k if p.top_k > 0 else -1,
                           seed=p.seed if p.HasField("seed") else None, max_tokens=max(1, p.max_tokens),
                           min_tokens=p.min_tokens, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
-                          ignore_eos=p.ignore_eos, logprobs=p.logprobs if p.logprobs >= 0 else None)
+                          ignore_eos=p.ignore_eos, logprobs=p.logprobs if p.logprobs >= 0 else None,
+                          presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                          repetition_penalty=p.repetition_penalty or 1.0, logit_bias=dict(p.logit_bias),
+                          response_format=p.response_format, prior_outputs=p.prior_outputs)
 
 
 def logprob_to_proto(lp: tuple[int, float, list[tuple[int, float]]]) -> common_pb2.TokenLogprob:

@@ -6,6 +6,7 @@ A real uvicorn gateway on loopback in front of the fake conductor/prefill/decode
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -117,23 +118,97 @@ def test_unknown_field_is_400_naming_it(http):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "auto"), ("logit_bias", {"5": 10}), ("repetition_penalty", 1.2), ("best_of", 2),
-    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("min_p", 0.1), ("echo", True),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("best_of", 2), ("min_p", 0.1), ("echo", True),
     ("guided_regex", "a+"), ("use_beam_search", True), ("skip_special_tokens", False)], ids=str)
 def test_output_changing_fields_are_refused_by_name(http, field, value):
-    _error(http.post("/v1/chat/completions", json={**CHAT, field: value}), 400, param=field,
+    param = "tool_choice" if field == "tools" else field  # tools alone mean tool_choice "auto": not served
+    _error(http.post("/v1/chat/completions", json={**CHAT, field: value}), 400, param=param,
            code="unsupported_parameter")
 
 
 @pytest.mark.parametrize("message, param", [
     ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
      "messages.0.content.0"),
-    ({"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}, "messages.0.tool_calls"),
-], ids=["image", "tool_calls"])
+], ids=["image"])
 def test_unsupported_message_contents_are_refused_by_name(http, message, param):
     body = {**CHAT, "messages": [message, {"role": "user", "content": "x"}]}
     _error(http.post("/v1/chat/completions", json=body), 400, param=param, code="unsupported_parameter")
+
+
+TOOL = {"type": "function", "function": {"name": "w", "parameters": {"properties": {"c": {"type": "string"}}}}}
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools.0"),
+    ({"tools": [TOOL, TOOL], "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}],
+      "tool_choice": "required"}, "tools.0.function.parameters"),
+    ({"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}]},
+     "messages.0.tool_calls"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "{x"}}]}]},
+     "messages.0.tool_calls")], ids=str)
+def test_bad_tool_requests_are_400_naming_the_field(http, extra, param):
+    _error(http.post("/v1/chat/completions", json={**CHAT, **extra}), 400, param=param)
+
+
+def test_a_named_tool_choice_sends_its_parameters_as_the_grammar(http, cluster):
+    body = {**CHAT, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "w"}}}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    fmt = json.loads(cluster.sampling[-1].response_format)
+    assert fmt == {"type": "json_schema", "schema": TOOL["function"]["parameters"]}
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] in ("tool_calls", "length")
+    call = choice["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "w" and call["id"].startswith("call_")
+    assert choice["message"]["content"] is None
+
+
+def test_penalties_and_logit_bias_reach_the_workers(http, cluster):
+    body = {**CHAT, "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2,
+            "logit_bias": {"5": 10, "104": -100}}
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+    sent = cluster.sampling[-1]
+    assert (sent.presence_penalty, sent.frequency_penalty) == (0.5, -1.0)
+    assert sent.repetition_penalty == pytest.approx(1.2) and dict(sent.logit_bias) == {5: 10.0, 104: -100.0}
+    assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+    plain = cluster.sampling[-1]
+    assert (plain.presence_penalty, plain.repetition_penalty, dict(plain.logit_bias)) == (0.0, 1.0, {})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("logit_bias", {"x": 1}), ("logit_bias", {"-3": 1}), ("logit_bias", {"5": 101}), ("logit_bias", {"5": "a"}),
+    ("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("repetition_penalty", 0)], ids=str)
+def test_steering_values_out_of_range_are_400_naming_the_field(http, field, value):
+    _error(http.post("/v1/chat/completions", json={**CHAT, field: value}), 400, param=field)
+    _still_open(http)
+
+
+def test_response_format_travels_as_json_for_the_workers(http, cluster):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    body = {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema,
+                                                                             "strict": True}}}
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+    assert json.loads(cluster.sampling[-1].response_format) == {"type": "json_schema", "schema": schema}
+    assert http.post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "json_object"}}).status_code \
+        == 200
+    assert json.loads(cluster.sampling[-1].response_format) == {"type": "json_object"}
+    assert http.post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "text"}}).status_code == 200
+    assert cluster.sampling[-1].response_format == ""
+
+
+@pytest.mark.parametrize("json_schema, param", [
+    (None, "response_format.json_schema"), ({"schema": {}}, "response_format.json_schema"),
+    ({"name": "x", "schema": []}, "response_format.json_schema.schema"),
+    ({"name": "x", "schema": {"type": "nonsense"}}, "response_format.json_schema.schema"),
+    ({"name": "x", "schema": {"properties": 3}}, "response_format.json_schema.schema")], ids=str)
+def test_bad_json_schemas_are_400_naming_the_field(http, json_schema, param):
+    fmt = {"type": "json_schema", "json_schema": json_schema}
+    _error(http.post("/v1/chat/completions", json={**CHAT, "response_format": fmt}), 400, param=param)
+    _still_open(http)
 
 
 def test_no_op_values_and_output_neutral_fields_are_served(http):

@@ -24,27 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63rescent/v1/common.proto\x12\x0b\x63rescent.v1\"\xd3\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x05\x12\x12\n\nmin_tokens\x18\n \x01(\rB\x07\n\x05_seed\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.crescent.v1.TopLogprob\"\xd0\x01\n\x04Load\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x03 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x04 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\x04\x12\x1e\n\x16running_context_tokens\x18\x06 \x01(\x04\x12\x18\n\x10store_bytes_used\x18\x07 \x01(\x04\x12\x1c\n\x14store_bytes_capacity\x18\x08 \x01(\x04\"\x05\n\x03\x41\x63k*Q\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\x10\n\x0cROLE_KVSTORE\x10\x03*J\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_DEVICE\x10\x01\x12\r\n\tTIER_DRAM\x10\x02\x12\x0c\n\x08TIER_SSD\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63rescent/v1/common.proto\x12\x0b\x63rescent.v1\"\xc6\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x05\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\r \x01(\x02\x12>\n\nlogit_bias\x18\x0e \x03(\x0b\x32*.crescent.v1.SamplingParams.LogitBiasEntry\x12\x17\n\x0fresponse_format\x18\x0f \x01(\t\x12\x15\n\rprior_outputs\x18\x10 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.crescent.v1.TopLogprob\"\xd0\x01\n\x04Load\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x03 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x04 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\x04\x12\x1e\n\x16running_context_tokens\x18\x06 \x01(\x04\x12\x18\n\x10store_bytes_used\x18\x07 \x01(\x04\x12\x1c\n\x14store_bytes_capacity\x18\x08 \x01(\x04\"\x05\n\x03\x41\x63k*Q\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\x10\n\x0cROLE_KVSTORE\x10\x03*J\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_DEVICE\x10\x01\x12\r\n\tTIER_DRAM\x10\x02\x12\x0c\n\x08TIER_SSD\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'crescent.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=611
-  _globals['_ROLE']._serialized_end=692
-  _globals['_TIER']._serialized_start=694
-  _globals['_TIER']._serialized_end=768
-  _globals['_FINISHREASON']._serialized_start=770
-  _globals['_FINISHREASON']._serialized_end=890
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_ROLE']._serialized_start=854
+  _globals['_ROLE']._serialized_end=935
+  _globals['_TIER']._serialized_start=937
+  _globals['_TIER']._serialized_end=1011
+  _globals['_FINISHREASON']._serialized_start=1013
+  _globals['_FINISHREASON']._serialized_end=1133
   _globals['_SAMPLINGPARAMS']._serialized_start=42
-  _globals['_SAMPLINGPARAMS']._serialized_end=253
-  _globals['_TOPLOGPROB']._serialized_start=255
-  _globals['_TOPLOGPROB']._serialized_end=302
-  _globals['_TOKENLOGPROB']._serialized_start=304
-  _globals['_TOKENLOGPROB']._serialized_end=391
-  _globals['_LOAD']._serialized_start=394
-  _globals['_LOAD']._serialized_end=602
-  _globals['_ACK']._serialized_start=604
-  _globals['_ACK']._serialized_end=609
+  _globals['_SAMPLINGPARAMS']._serialized_end=496
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=439
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=487
+  _globals['_TOPLOGPROB']._serialized_start=498
+  _globals['_TOPLOGPROB']._serialized_end=545
+  _globals['_TOKENLOGPROB']._serialized_start=547
+  _globals['_TOKENLOGPROB']._serialized_end=634
+  _globals['_LOAD']._serialized_start=637
+  _globals['_LOAD']._serialized_end=845
+  _globals['_ACK']._serialized_start=847
+  _globals['_ACK']._serialized_end=852
 # @@protoc_insertion_point(module_scope)
