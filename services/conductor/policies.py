@@ -1,7 +1,9 @@
 """Placement policies: pure functions of (cluster view, request) -> Placement, or Rejection when nothing can serve.
 
-The same functions run in the live conductor and in the simulator (bench/serving/sim.py). Early rejection by SLO
-is separate (rejection.py) so every policy can be combined with every rejection mode.
+The same functions run in the live conductor and in the simulator (bench/serving/sim.py). An aggregated worker
+(Role.WORKER) sits in both pools; when a policy picks one for prefill, decode goes to the same instance
+(``_placement``), so the prompt's KV stays in its engine and every policy stays one pick per pool. Early
+rejection by SLO is separate (rejection.py) so every policy can be combined with every rejection mode.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from crescent.services.conductor.cluster import InstanceState, Placement, Rejection, Request, Tier
+from crescent.services.conductor.cluster import InstanceState, Placement, Rejection, Request, Role, Tier
 from crescent.services.conductor.view import ClusterView
 
 Policy = Callable[[ClusterView, Request], Placement | Rejection]
@@ -95,6 +97,8 @@ def _no_instance(view: ClusterView) -> Rejection | None:
 
 def _placement(view: ClusterView, est: PrefillEstimate, decode: InstanceState, tbt: float, name: str,
                remote: int = 0) -> Placement:
+    if est.instance.info.role == Role.WORKER and decode is not est.instance:
+        decode, tbt = est.instance, _decode_tbt(view, est.instance, req)  # both halves on one aggregated worker
     store = next((s for s in view.kvstore if s.instance_id == est.source), None) or (
         view.kvstore[0] if view.kvstore else None)
     return Placement(prefill=est.instance, decode=decode, kvstore=store, cached_blocks=est.cached_blocks,

@@ -83,7 +83,7 @@ class ConductorServicer(conductor_pb2_grpc.ConductorServicer):
     def _block_size(self, request) -> int:
         if request.block_size:
             return request.block_size
-        prefill = self.c.registry.instances(Role.PREFILL)
+        prefill = self.c.registry.instances(Role.PREFILL) or self.c.registry.instances(Role.WORKER)
         return prefill[0].info.kv_block_size if prefill else 16
 
     async def Place(self, request, context):

@@ -121,3 +121,17 @@ def test_every_policy_rejects_an_empty_cluster(name):
 def test_unknown_policy():
     with pytest.raises(ValueError, match="unknown policy 'best'"):
         get_policy("best")
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_keeps_both_halves_on_an_aggregated_worker(name):
+    workers = [inst("w0", Role.WORKER), inst("w1", Role.WORKER)]
+    for seq in range(4):
+        got = POLICIES[name](view(workers, workers, seq=seq), request(2))
+        assert got.decode is got.prefill, (seq, got.prefill.instance_id, got.decode.instance_id)
+
+
+def test_a_disaggregated_prefill_may_still_pair_with_any_decode():
+    p, d = [inst("p0", Role.PREFILL)], [inst("w0", Role.WORKER)]
+    got = least_loaded(view(p, d), request(2))
+    assert (got.prefill.instance_id, got.decode.instance_id) == ("p0", "w0")
