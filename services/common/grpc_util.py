@@ -38,9 +38,10 @@ SERVER_OPTIONS = [
 class GrpcServer:
     """An asyncio gRPC server with the standard health service; serving status flips with :meth:`set_serving`."""
 
-    def __init__(self, host: str, port: int, service_name: str):
+    def __init__(self, host: str, port: int, service_name: str, *more_services: str):
         self.address = f"{host}:{port}"
         self.service_name = service_name
+        self.service_names = ("", service_name, *more_services)  # health answers for each (and for the server)
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -60,7 +61,7 @@ class GrpcServer:
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", self.service_name):
+        for name in self.service_names:
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float = 2.0) -> None:
