@@ -95,9 +95,9 @@ def _no_instance(view: ClusterView) -> Rejection | None:
     return None
 
 
-def _placement(view: ClusterView, est: PrefillEstimate, decode: InstanceState, tbt: float, name: str,
-               remote: int = 0) -> Placement:
-    if est.instance.info.role == Role.WORKER and decode is not est.instance:
+def _placement(view: ClusterView, req: Request, est: PrefillEstimate, decode: InstanceState, tbt: float,
+               name: str, remote: int = 0) -> Placement:
+    if est.instance.info.role == Role.WORKER and decode.instance_id != est.instance.instance_id:
         decode, tbt = est.instance, _decode_tbt(view, est.instance, req)  # both halves on one aggregated worker
     store = next((s for s in view.kvstore if s.instance_id == est.source), None) or (
         view.kvstore[0] if view.kvstore else None)
@@ -113,7 +113,7 @@ def round_robin(view: ClusterView, req: Request) -> Placement | Rejection:
         return r
     prefill = view.prefill[view.seq % len(view.prefill)]
     decode = view.decode[view.seq % len(view.decode)]
-    return _placement(view, estimate_prefill(view, prefill, req, None), decode, _decode_tbt(view, decode, req),
+    return _placement(view, req, estimate_prefill(view, prefill, req, None), decode, _decode_tbt(view, decode, req),
                       "round_robin")
 
 
@@ -124,7 +124,7 @@ def least_loaded(view: ClusterView, req: Request) -> Placement | Rejection:
     prefill = min(view.prefill, key=lambda p: (view.cost.queue_time(p.queued_requests, p.queued_prefill_tokens),
                                                p.instance_id))
     decode, tbt = pick_decode(view, req)
-    return _placement(view, estimate_prefill(view, prefill, req, None), decode, tbt, "least_loaded")
+    return _placement(view, req, estimate_prefill(view, prefill, req, None), decode, tbt, "least_loaded")
 
 
 def cache_aware(view: ClusterView, req: Request) -> Placement | Rejection:
@@ -138,7 +138,7 @@ def cache_aware(view: ClusterView, req: Request) -> Placement | Rejection:
 
     prefill = min(view.prefill, key=key)
     decode, tbt = pick_decode(view, req)
-    return _placement(view, estimate_prefill(view, prefill, req, None), decode, tbt, "cache_aware")
+    return _placement(view, req, estimate_prefill(view, prefill, req, None), decode, tbt, "cache_aware")
 
 
 def mooncake(view: ClusterView, req: Request) -> Placement | Rejection:
@@ -162,7 +162,7 @@ def mooncake(view: ClusterView, req: Request) -> Placement | Rejection:
     est = min(estimates, key=lambda e: (e.ttft_s, e.instance.instance_id))
     decode, tbt = pick_decode(view, req)
     remote = est.cached_blocks - owns[est.instance.instance_id] if est.remote else 0
-    return _placement(view, est, decode, tbt, "mooncake", remote)
+    return _placement(view, req, est, decode, tbt, "mooncake", remote)
 
 
 POLICIES: dict[str, Policy] = {
