@@ -130,6 +130,7 @@ class WorkerRuntime:
         from crescent.engine.async_engine import AsyncEngine
 
         old, old_version = self.engine, self.version
+        engine.step_observer = _step_metrics(self.role_name)
         self.engine = AsyncEngine(engine).start()
         self.model_id = engine.model_id
         self.served_name = self.watcher.name if self.watcher is not None else engine.model_id
@@ -225,6 +226,18 @@ async def run_worker(runtime: WorkerRuntime, services: list[Service], stop: asyn
         await server.stop(grace_s=1.0)
         await runtime.close_engines()
         log.info("stopped")
+
+
+def _step_metrics(role: str) -> Callable[[str, float, int, int], None]:
+    """The engine's step observer: each forward's duration by batch kind (runs in the engine thread)."""
+    by_kind: dict[str, Any] = {}
+
+    def observe(kind: str, seconds: float, prompt_tokens: int, sampled: int) -> None:
+        if kind not in by_kind:
+            by_kind[kind] = m.WORKER_STEP_SECONDS.labels(role, kind)
+        by_kind[kind].observe(seconds)
+
+    return observe
 
 
 async def _refresh_metrics(runtime: WorkerRuntime, period_s: float) -> None:
