@@ -19,6 +19,7 @@ Appends to bench/results/serving_tpot.json (+ .png).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import tempfile
@@ -77,7 +78,12 @@ def cluster_tpot(model_dir: Path, mode: str, threads: int, max_tokens: int, runs
     plan = plan_local_cluster(str(model_dir), model_dir.name, gateway_port=free_port(), free_ports=True, extra=extra,
                               mode=mode)
     logs = Path(tempfile.mkdtemp(prefix=f"bench-tpot-{mode}-"))
-    group = start_cluster(plan, logs, {"PYTHONPATH": str(repo)}, timeout_s=600)
+    here = os.getcwd()
+    os.chdir(repo)  # `python -m` puts the working directory first on sys.path: the children import repo's code
+    try:
+        group = start_cluster(plan, logs, {"PYTHONPATH": str(repo)}, timeout_s=600)
+    finally:
+        os.chdir(here)
     client = openai.OpenAI(base_url=plan.gateway_url + "/v1", api_key="none", max_retries=0, timeout=timeout_s)
     try:
         tpots, ttfts, chunks, spans, gaps = [], [], [], 0.0, 0
