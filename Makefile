@@ -14,7 +14,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_VERSION := 0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_VERSION)-$(shell sha1sum deploy/vllm/launcher.py | cut -c1-12)
 
-.PHONY: help setup system venv vllm model run test lint proto bench train-demo clean
+.PHONY: help setup system venv vllm model run test lint proto bench bench-vllm train-demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -79,6 +79,10 @@ bench: model ## run the CPU benchmarks (engine, store, serving, simulator); resu
 	$(PY) -m bench.store.e2e_ttft
 	$(PY) -m bench.serving.cluster_vs_engine
 	$(PY) -m bench.serving.sim_run
+
+bench-vllm: model vllm ## crescent vs vLLM: serving (vllm bench serve) and engine; minutes, on a quiet CPU
+	$(PY) -m bench.serving.vs_vllm
+	$(PY) -m bench.engine
 
 train-demo: model ## pretrain, RL-tune and publish a small model (<= 20 min on 2 cores)
 	$(CRESCENT) train demo

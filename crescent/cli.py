@@ -50,7 +50,7 @@ def _serve(argv: list[str]) -> int:
     role = argv[0]
     settings_ref, serve_ref = ROLES[role]
     cls = load(settings_ref)
-    parser = argparse.ArgumentParser(prog=f"crescent serve {role}", description=cls.__doc__)
+    parser = argparse.ArgumentParser(prog=f"crescent serve {role}", description=cls.__doc__, allow_abbrev=False)
     add_settings_flags(parser, cls)
     try:
         settings = settings_from_flags(cls, parser.parse_args(argv[1:]))
@@ -130,8 +130,16 @@ def _bench(argv: list[str]) -> int:
 
 # --- crescent up ----------------------------------------------------------------------------------------------
 def _up_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crescent up", description="Run the whole cluster on this machine.")
+    p = argparse.ArgumentParser(prog="crescent up", description="Run the whole cluster on this machine.",
+                                allow_abbrev=False)  # `--mode` must never be read as `--model`
+    p.add_argument("model_arg", nargs="?", metavar="MODEL", default=None,
+                   help="the model to serve, as `vllm serve MODEL`: 'default', a folder, a published model directory "
+                        "or a Hugging Face id in the local HF cache (same as --model)")
     p.add_argument("--model", default="default", help="model name or folder served by the workers")
+    p.add_argument("--api-key", default="", help="clients must send `Authorization: Bearer KEY` (env "
+                                                 "CRESCENT_API_KEY works too)")
+    p.add_argument("--max-model-len", type=int, default=0, help="context length for the gateway and the workers "
+                                                                "(0: the model's)")
     p.add_argument("--tiny", action="store_true", help="serve a tiny random model (fast start; for demos/tests)")
     p.add_argument("--served-model-name", default="", help="model id clients send (default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="gateway listen address")
@@ -164,7 +172,11 @@ def _resolve_model(args: argparse.Namespace) -> tuple[str, str]:
         path = Path(prepare_model(args.model))  # fails early when no published version is valid
         if is_published_dir(args.model):  # serve the directory itself: the workers hot-reload its new versions
             path = Path(args.model).expanduser().resolve()
-    return str(path), args.served_model_name or path.name
+    from crescent.models.registry import hf_cache_snapshot
+
+    # a Hugging Face id is served under that id (as vllm serve does), not its snapshot folder's hash
+    hf_id = args.model if not Path(args.model).expanduser().exists() and hf_cache_snapshot(args.model) else ""
+    return str(path), args.served_model_name or hf_id or path.name
 
 
 class _Stop(Exception):
@@ -175,17 +187,27 @@ def up(argv: list[str]) -> int:
     from crescent.services.common.launcher import ServiceGroup, plan_local_cluster
 
     args = _up_parser().parse_args(argv)
+    if args.model_arg is not None:
+        if args.model != "default" and args.model != args.model_arg:
+            print("crescent up: the model is given twice (MODEL and --model); give it once", file=sys.stderr)
+            return 2
+        args.model = args.model_arg
     model, name = _resolve_model(args)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="crescent-up-"))
-    group = ServiceGroup(log_dir)
+    # the key travels in the environment, not on a command line anyone on the machine can read (ps)
+    group = ServiceGroup(log_dir, {"CRESCENT_API_KEY": args.api_key} if args.api_key else None)
 
     def on_signal(signum, frame):
         raise _Stop()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        extra: dict[str, dict[str, object]] = {}
+        if args.max_model_len:
+            extra = {role: {"max_model_len": args.max_model_len}
+                     for role in ("gateway", "prefill", "decode", "worker")}
         plan = plan_local_cluster(model, name, gateway_host=args.host, gateway_port=args.port,
-                                  prefill=args.prefill, decode=args.decode, free_ports=args.free_ports,
+                                  prefill=args.prefill, decode=args.decode, free_ports=args.free_ports, extra=extra,
                                   mode=args.mode, workers=args.workers)
         for p in plan.processes:
             group.start(p.name, p.argv, p.health)

@@ -207,7 +207,10 @@ def build() -> Schema:
     props: dict[str, Schema] = {
         "nameOverride": {"type": "string"},
         "fullnameOverride": {"type": "string"},
-        "image": image(required=("repository",)),
+        "image": {**image(required=("repository",)), "properties": {
+            **image()["properties"],
+            "frontRepository": string("The torch-free image (deploy/Dockerfile --target front) that gateway, "
+                                      "conductor and kvstore run; empty: repository.")}},
         "imagePullSecrets": {"type": "array", "items": {"type": "object", "required": ["name"]}},
         "serviceAccount": obj({"create": {"type": "boolean"}, "name": {"type": "string"},
                                "annotations": STRING_MAP}),

@@ -1,7 +1,8 @@
 """Kimi k1.5 RL on arithmetic: sample k responses per prompt with crescent's engine, filter, update, evaluate.
 
 One iteration:
-1. sample prompts at the curriculum's difficulty (never one of the held-out evaluation questions);
+1. sample prompts at the curriculum's difficulty from the train split (an evaluation operand pair never appears in RL or in
+   pretraining: crescent.training.tasks.in_eval_split);
 2. k responses each through :class:`LLMEngine` (temperature sampling, a distinct seed per response);
 3. exact-match rewards; the curriculum sees the mean pass rate; keep prompts with 0 < pass rate < 1;
 4. after ``length_penalty_warmup`` iterations, add ``length_penalty_weight`` * the k1.5 length reward;
@@ -124,27 +125,22 @@ def policy_update(model, groups: list[tuple[list[Sample], list[float]]], s: RLSe
     return loss_value
 
 
-def train_problems(rng: random.Random, n: int, difficulty: int, held_out: set[str]) -> list[Problem]:
-    out: list[Problem] = []
-    while len(out) < n:
-        p = make_problem(rng, difficulty)
-        if p.question not in held_out:
-            out.append(p)
-    return out
+def train_problems(rng: random.Random, n: int, difficulty: int) -> list[Problem]:
+    """RL prompts: the train split only (an evaluation operand pair is never trained on, here or in pretraining)."""
+    return [make_problem(rng, difficulty, "train") for _ in range(n)]
 
 
 def run_rl(s: RLSettings, on_checkpoint: Any = None) -> RLResult:
     """Run ``s.iterations`` k1.5 iterations from the latest checkpoint of ``s.init_from``; evaluate before/after."""
     ckpt.seed_everything(s.seed)
     model, config, tok, base_step = load_policy(s.init_from, s.device)
-    eval_set = make_problems(s.seed + 1_000_003, s.eval_prompts, s.eval_difficulty)
-    held_out = {p.question for p in eval_set}
+    eval_set = make_problems(s.seed + 1_000_003, s.eval_prompts, s.eval_difficulty, "eval")
     before = evaluate(model, tok, eval_set, s.max_new_tokens)
     curriculum = Curriculum(s.min_difficulty, s.max_difficulty, s.promote_at)
     rng, history = random.Random(f"rl:{s.seed}"), []
     bar = tqdm(range(s.iterations), disable=not s.progress, desc="rl")
     for it in bar:
-        problems = train_problems(rng, s.prompts_per_iteration, curriculum.difficulty, held_out)
+        problems = train_problems(rng, s.prompts_per_iteration, curriculum.difficulty)
         samples = rollouts(model, tok, problems, s, it)
         weight = s.length_penalty_weight if it >= s.length_penalty_warmup else 0.0
         groups, pass_rate = score(problems, samples, s.samples_per_prompt, weight)

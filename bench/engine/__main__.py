@@ -68,10 +68,11 @@ def plot(results: dict):
     axes[0, 0].legend()
     b = results["batch"]
     axes[0, 1].bar(names, [b["hf"]["total_tok_s"], b["crescent"]["total_tok_s"]], color=["gray", "tab:blue"])
-    axes[0, 1].set_title(f"batch-16 mixed, total tok/s ({b['speedup']:.2f}x)")
+    axes[0, 1].set_title(f"batch-{len(b['prompt_lens'])} mixed, total tok/s ({b['speedup']:.2f}x)")
     d = results["decode32"]
     axes[0, 2].bar(names, [d["hf"]["output_tok_s"], d["crescent"]["output_tok_s"]], color=["gray", "tab:blue"])
-    axes[0, 2].set_title(f"32 x 128/128, output tok/s ({d['speedup']:.2f}x)")
+    shape = f"{len(d['prompt_lens'])} x {d['prompt_lens'][0]}/{d['out_lens'][0]}"
+    axes[0, 2].set_title(f"{shape}, output tok/s ({d['speedup']:.2f}x)")
     for ax, (workload, metric) in zip(axes[1], WORKLOAD_METRIC.items(), strict=True):
         vs = results["vs_vllm"]
         dtypes = list(vs["by_dtype"])
@@ -135,7 +136,8 @@ def versus_vllm(ours: dict, theirs: dict, batches: dict) -> dict:
     return out
 
 
-def run_vs_vllm(args, folder: str, prompt: list[int], batches: dict, fp32_runs: dict) -> dict:
+def run_vs_vllm(args, folder: str, settings: EngineSettings, prompt: list[int], batches: dict,
+                fp32_runs: dict) -> dict:
     """vLLM at each dtype in a .venv-vllm subprocess; crescent at the same dtype (fp32 reuses the HF run's)."""
     result: dict = {"by_dtype": {}, "notes": []}
     python = vllm_contender.vllm_python(Path(args.vllm_venv))
@@ -152,8 +154,8 @@ def run_vs_vllm(args, folder: str, prompt: list[int], batches: dict, fp32_runs: 
             engine, _ = crescent_engine(folder, dtype, args.threads)
             ours = crescent_runs(engine, prompt, args, batches)
             del engine
-        theirs = vllm_contender.run_vllm(python, folder, dtype, args.threads, wire["single"], wire["batches"],
-                                         args.repeats, args.vllm_timeout_s)
+        theirs = vllm_contender.run_vllm(python, folder, dtype, args.threads, vllm_contender.engine_args(settings),
+                                         wire["single"], wire["batches"], args.repeats, args.vllm_timeout_s)
         result["by_dtype"][dtype] = versus_vllm(ours, theirs, batches)
     result["meets_goal"] = all(w["meets_goal"] for d in result["by_dtype"].values() for w in d.values()
                                if isinstance(w, dict) and "meets_goal" in w)
@@ -202,7 +204,7 @@ def main() -> None:
     both = {name: (summarize(raw[name][0], *batches[name]), summarize(raw[name][1], *batches[name]))
             for name in batches}
     del hf
-    vs_vllm = run_vs_vllm(args, folder, prompt, batches, {"single_trials": fp32_single,
+    vs_vllm = run_vs_vllm(args, folder, settings, prompt, batches, {"single_trials": fp32_single,
                                                           "batches": {k: v[0] for k, v in raw.items()}})
 
     results = {

@@ -22,11 +22,18 @@ def vllm_python(venv: Path) -> Path | None:
     return py if py.is_file() and (venv / "bin" / "vllm").is_file() else None
 
 
-def run_vllm(python: Path, model: str, dtype: str, threads: int, single: dict, batches: dict, repeats: int,
-             timeout_s: float) -> dict:
+def engine_args(settings) -> dict:
+    """vLLM engine arguments that match crescent's EngineSettings (batch limits, prefix caching)."""
+    return {"max_num_seqs": settings.max_num_seqs, "max_num_batched_tokens": settings.max_num_batched_tokens,
+            "enable_prefix_caching": settings.enable_prefix_caching}
+
+
+def run_vllm(python: Path, model: str, dtype: str, threads: int, engine: dict, single: dict, batches: dict,
+             repeats: int, timeout_s: float) -> dict:
     """Run the workloads on vLLM at ``dtype``; returns vllm_engine_run.py's OUT.json."""
     work = Path(tempfile.mkdtemp(prefix=f"bench-vllm-{dtype}-"))
-    spec = {"model": model, "dtype": dtype, "repeats": repeats, "single": single, "batches": batches}
+    spec = {"model": model, "dtype": dtype, "repeats": repeats, "engine": engine, "single": single,
+            "batches": batches}
     (work / "in.json").write_text(json.dumps(spec))
     # the same cores crescent's engine gets: OpenMP threads bound to the first `threads` CPUs
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND",

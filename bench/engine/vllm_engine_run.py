@@ -2,8 +2,8 @@
 
     .venv-vllm/bin/python bench/engine/vllm_engine_run.py IN.json OUT.json
 
-IN.json: {"model", "dtype", "repeats", "single": {"prompt", "new_tokens"}, "batches": {NAME: {"prompts",
-"out_lens"}}}, the same token ids crescent's engine gets. OUT.json: the measurements bench/engine/runners.py takes
+IN.json: {"model", "dtype", "repeats", "engine": {vLLM engine args matching crescent's settings}, "single":
+{"prompt", "new_tokens"}, "batches": {NAME: {"prompts", "out_lens"}}}, the same token ids crescent's engine gets. OUT.json: the measurements bench/engine/runners.py takes
 for crescent (single stream: ttft_s, decode_tok_s, tokens; a batch: elapsed_s, cpu_s, latencies_s), driving
 vLLM's LLMEngine step by step as crescent's is driven, greedy with ignore_eos so both generate the same counts.
 CPU time counts this process and its children (vLLM's engine core runs in a child). Imports only vLLM and the
@@ -73,10 +73,9 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM
 
     spec = json.loads(Path(spec_path).read_text())
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: crescent's engine gets 1 GiB of KV cache too
     t0 = time.perf_counter()
-    llm = LLM(model=spec["model"], dtype=spec["dtype"], seed=0, enable_prefix_caching=False,
-              max_num_batched_tokens=spec.get("max_num_batched_tokens", 2048))
+    llm = LLM(model=spec["model"], dtype=spec["dtype"], seed=0, **spec["engine"])
     engine = llm.llm_engine
     load_s = time.perf_counter() - t0
     s = spec["single"]

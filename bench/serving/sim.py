@@ -4,7 +4,8 @@ Placement and early rejection are the conductor's own code (``crescent.services.
 fed each instance's load as of its last heartbeat (every ``heartbeat_interval_s``) plus the live conductor's
 reservations for work placed since, and the real KvIndex, which the simulated caches and store update through KV
 events. The simulated hardware runs at ``true_cost`` (default: the
-same cost model the conductor plans with).
+same cost model the conductor plans with, a perfect predictor; the trace suite passes sim_hardware's
+``MeasuredHardware`` instead, any object with the CostModel methods the machines call).
 Simplifications (documented in the results): one prefill request at a time per prefill instance (unless
 ``prefill_batch_tokens`` batches them as crescent's engine does); the KV transfer prefill -> decode overlaps
 prefill (Mooncake streams it layer by layer) and costs no extra time (unless ``decode_loads_kv``); a decode

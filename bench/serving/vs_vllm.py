@@ -142,7 +142,7 @@ def compare(runs: list[dict], todo: list[Scenario], systems: list[str]) -> dict:
     return out
 
 
-def plot(runs: list[dict], todo: list[Scenario], systems: list[str]):
+def plot(runs: list[dict], todo: list[Scenario], systems: list[str], dtype: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,7 +165,7 @@ def plot(runs: list[dict], todo: list[Scenario], systems: list[str]):
         ax.set_xticks(range(len(todo)), [sc.name for sc in todo], rotation=20, ha="right", fontsize=8)
         ax.set_title(titles[key])
     axes[0].legend(fontsize=8)
-    fig.suptitle("crescent vs vLLM (vllm bench serve, same weights, same machine, one after the other)")
+    fig.suptitle(f"crescent vs vLLM ({dtype}; vllm bench serve, same weights, same machine, one after the other)")
     fig.tight_layout()
     return fig
 
@@ -184,7 +184,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--vllm-kv-cache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
     ap.add_argument("--vllm-args", default="", help="more `vllm serve` flags, space-separated")
     ap.add_argument("--vllm-venv", default=str(REPO / ".venv-vllm"), help="the virtualenv `make vllm` made")
-    ap.add_argument("--start-timeout-s", type=float, default=600.0, help="bound on each server's start")
+    ap.add_argument("--start-timeout-s", type=float, default=900.0,
+                    help="bound on each server's start (vllm serve: ~3 min here, far more on a busy CPU)")
     ap.add_argument("--stop-timeout-s", type=float, default=60.0, help="SIGTERM, then SIGKILL after this")
     ap.add_argument("--bench-timeout-s", type=float, default=1800.0, help="bound on each `vllm bench serve`")
     ap.add_argument("--name", default="serving_vs_vllm", help="result file name under bench/results/")
@@ -246,7 +247,7 @@ def main() -> None:
               "env": {k: v for k, v in os.environ.items() if k.startswith(("CRESCENT_", "VLLM_", "OMP_"))}}
     results = {"runs": runs, "comparison": comparison, "notes": notes, "load_average": os.getloadavg(),
                "meets_all_goals": bool(comparison) and all(c["meets_all"] for c in comparison.values())}
-    path = write_result(args.name, config, results, plot(runs, todo, systems))
+    path = write_result(args.name, config, results, plot(runs, todo, systems, args.dtype))
     print(f"wrote {path}")
 
 

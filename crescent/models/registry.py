@@ -40,7 +40,12 @@ def resolve_model_path(name_or_path: str | Path, cache_dir: Path | None = None, 
         return convert(cache_dir)
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
-        raise ModelLoadError(f"model {str(name_or_path)!r} is neither 'default' nor an existing model folder")
+        cached = hf_cache_snapshot(str(name_or_path))
+        if cached is None:
+            raise ModelLoadError(f"model {str(name_or_path)!r} is neither 'default', an existing model folder, nor "
+                                 "a Hugging Face model id in the local HF cache (crescent never downloads at run "
+                                 "time: `huggingface-cli download ORG/NAME` first)")
+        path = cached
     if (path / "config.json").is_file():
         return path
     try:
@@ -48,3 +53,22 @@ def resolve_model_path(name_or_path: str | Path, cache_dir: Path | None = None, 
     except CheckpointError as e:
         raise ModelLoadError(f"{path} has no config.json and no valid published version: point at an HF-format "
                              f"model folder ({e})") from e
+
+
+def hf_cache_snapshot(model_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot of ``ORG/NAME`` (its main revision), or None when it is not cached.
+
+    Offline by construction (``local_files_only``): HF_HUB_CACHE / HF_HOME say where the cache is, as for every
+    Hugging Face tool.
+    """
+    if model_id.count("/") != 1 or model_id.startswith(("/", ".", "~")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    except ImportError:
+        return None
+    try:
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        return None

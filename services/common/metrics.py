@@ -21,6 +21,8 @@ GATEWAY_REQUESTS = Counter("crescent_gateway_requests_total", "Finished HTTP API
                            ["endpoint", "outcome"])  # outcome: ok, rejected, bad_request, not_found, error, cancelled
 GATEWAY_REJECTIONS = Counter("crescent_gateway_rejections_total", "Requests the conductor rejected, by reason.",
                              ["reason"])
+GATEWAY_RESUMES = Counter("crescent_gateway_stream_resumes_total",
+                          "Choices placed again after their prefill or decode worker died mid-request.")
 GATEWAY_TTFT = Histogram("crescent_gateway_time_to_first_token_seconds", "Time from request to first token.",
                          buckets=LATENCY_BUCKETS)
 GATEWAY_ITL = Histogram("crescent_gateway_inter_token_latency_seconds", "Gap between consecutive streamed tokens.",
@@ -38,6 +40,18 @@ VLLM_ITL = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency (v
                      buckets=TOKEN_GAP_BUCKETS)
 VLLM_E2E = Histogram("vllm:e2e_request_latency_seconds", "End-to-end latency (vLLM-compatible alias).",
                      buckets=LATENCY_BUCKETS)
+# Workers export vLLM's engine gauges and counters under vLLM's names and `model_name` label, so vLLM dashboards and
+# the Gateway API Inference Extension's endpoint picker (llm-d) read crescent workers unchanged.
+VLLM_RUNNING = Gauge("vllm:num_requests_running", "Requests in the running batch (vLLM-compatible).", ["model_name"])
+VLLM_WAITING = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled (vLLM-compatible).",
+                     ["model_name"])
+VLLM_KV_USAGE = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use, 0-1 (vLLM-compatible).",
+                      ["model_name"])
+VLLM_PREFIX_QUERIES = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+                              "(vLLM-compatible).", ["model_name"])
+VLLM_PREFIX_HITS = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (vLLM-compatible).",
+                           ["model_name"])
+VLLM_NUM_PREEMPTIONS = Counter("vllm:num_preemptions", "Requests preempted (vLLM-compatible).", ["model_name"])
 
 # --- conductor ----------------------------------------------------------------------------------------------------
 CONDUCTOR_PLACEMENTS = Counter("crescent_conductor_placements_total", "Placement decisions by outcome and policy.",

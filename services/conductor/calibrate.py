@@ -66,6 +66,8 @@ def calibrate_with_samples(factory: Callable[[], ProfileTarget],
                     for n, c, s in prefill],
         "decode": [{"batch": b, "context_tokens": ctx, "measured_s": round(s, 6),
                     "fitted_s": round(model.decode_step_time(b, ctx), 6)} for b, ctx, s in decode]}
+    model.decode_tail_ratio = round(max([1.0] + [s / model.decode_step_time(b, ctx) for b, ctx, s in decode
+                                                 if model.decode_step_time(b, ctx) > 0]), 4)
     return model, samples
 
 

@@ -121,6 +121,8 @@ class Request:
     block_hashes: tuple[int, ...]
     block_size: int = 16
     model_id: str = ""
+    avoid: tuple[str, ...] = ()
+    """Instances this request must not be placed on (they failed it; the gateway resumes it elsewhere)."""
 
 
 @dataclass

@@ -31,12 +31,19 @@ class CostModel:
         "DEVICE": 12.5e9, "DRAM": 12.5e9, "SSD": 3.0e9})
     transfer_latency_s: float = 0.002
     source: str = "default (LLaMA2-70B on 8 GPUs, arithmetic estimate; not measured)"
+    # The slowest measured / fitted decode step of the calibration (>= 1; 1 = unknown). The TBT SLO is on a
+    # request's slowest gaps (FAST'25: the mean of the slowest 10%), and steps spread around the fit, so early
+    # rejection holds the *fitted* step under ``tbt_s / decode_tail_ratio``.
+    decode_tail_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         self.prefill_s = tuple(float(x) for x in self.prefill_s)  # type: ignore[assignment]
         self.decode_step_s = tuple(float(x) for x in self.decode_step_s)  # type: ignore[assignment]
         if len(self.prefill_s) != 3 or len(self.decode_step_s) != 3:
             raise ValueError("prefill_s and decode_step_s need exactly 3 coefficients each")
+        if not self.decode_tail_ratio >= 1.0:
+            raise ValueError(f"decode_tail_ratio must be >= 1 (the slowest measured/fitted step), got "
+                             f"{self.decode_tail_ratio}")
         for tier in ("DEVICE", "DRAM", "SSD"):
             if self.bandwidth_bps.get(tier, 0) <= 0:
                 raise ValueError(f"bandwidth_bps[{tier!r}] must be positive")

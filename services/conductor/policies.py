@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from crescent.services.conductor.cluster import InstanceState, Placement, Rejection, Request, Role, Tier
+from crescent.services.conductor.forecast import decode_at
 from crescent.services.conductor.view import ClusterView
 
 Policy = Callable[[ClusterView, Request], Placement | Rejection]
@@ -89,6 +90,20 @@ def pick_decode(view: ClusterView, req: Request) -> tuple[InstanceState, float]:
     return best, _decode_tbt(view, best, req)
 
 
+def pick_decode_at_arrival(view: ClusterView, req: Request, arrival: float) -> tuple[InstanceState, float]:
+    """The decode instance with the lowest TBT forecast for when the request gets there (Mooncake §7): the
+    reported load moved forward by the ledger, so prefills about to land and requests about to finish count."""
+    forecasts = {d.instance_id: decode_at(view, d, req, arrival) for d in view.decode}
+
+    def fits(d: InstanceState) -> bool:
+        capacity = d.load.total_kv_blocks * d.info.kv_block_size
+        return capacity <= 0 or forecasts[d.instance_id][1] <= capacity
+
+    pool = [d for d in view.decode if fits(d)] or view.decode
+    best = min(pool, key=lambda d: (forecasts[d.instance_id][0], d.batch, d.instance_id))
+    return best, forecasts[best.instance_id][0]
+
+
 def _no_instance(view: ClusterView) -> Rejection | None:
     if not view.prefill or not view.decode:
         return Rejection("no_instance", retry_after_s=1.0)
@@ -147,7 +162,8 @@ def mooncake(view: ClusterView, req: Request) -> Placement | Rejection:
     Every prefill instance gets a TTFT estimate (queue + prefix transfer + prefill of the rest). When another
     prefill instance holds a prefix more than ``kvcache_balancing_threshold`` times longer than an instance's own,
     fetching it is weighed against recomputing; if fetching wins, the placement asks to replicate those (hot)
-    blocks onto the chosen instance. The lowest TTFT wins; decode goes where the predicted TBT is lowest.
+    blocks onto the chosen instance. The lowest TTFT wins; decode goes where the TBT forecast for the moment the
+    request reaches decode is lowest (forecast.py), not where the last report looks lightest.
     """
     if (r := _no_instance(view)) is not None:
         return r
@@ -160,7 +176,7 @@ def mooncake(view: ClusterView, req: Request) -> Placement | Rejection:
         far = best_len > view.kvcache_balancing_threshold * max(own, 1) or (own == 0 and best_len > 0)
         estimates.append(estimate_prefill(view, p, req, (holder, best_len) if far else None))
     est = min(estimates, key=lambda e: (e.ttft_s, e.instance.instance_id))
-    decode, tbt = pick_decode(view, req)
+    decode, tbt = pick_decode_at_arrival(view, req, view.now + est.ttft_s)
     remote = est.cached_blocks - owns[est.instance.instance_id] if est.remote else 0
     return _placement(view, req, est, decode, tbt, "mooncake", remote)
 

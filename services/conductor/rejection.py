@@ -9,6 +9,10 @@ Modes:
   (now + predicted TTFT): the decode instance's last report, minus what finished since, plus the admitted
   requests that land before then, minus the requests all but sure to have finished by then (see ledger.py).
   Current load misses the admitted prefills about to land and the finishes since the last heartbeat.
+Both decode checks scale the planner's step time by the ledger's learnt ``tbt_correction`` (see ledger.py) and
+hold it under ``tbt_s / cost.decode_tail_ratio`` (the SLO binds the slowest gaps; the fit predicts a middle one).
+Below the load where decode saturates, ``load`` and ``predicted`` make the same decisions: they share the TTFT
+check, and only the decode check differs (the trace suite's prefill-bound points reject on ``ttft_slo`` alone).
 The queue cap (``Slo.max_queue_per_instance``) always applies; upstream it becomes HTTP 429 + Retry-After.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from crescent.services.conductor.cluster import Placement, Rejection, Request, Slo
+from crescent.services.conductor.forecast import decode_at, kv_need
 from crescent.services.conductor.view import ClusterView
 
 REJECTION_MODES = ("none", "load", "predicted")
@@ -36,12 +41,13 @@ def _ttft(view: ClusterView, p: Placement, slo: Slo) -> Rejection | None:
     return None
 
 
+def _tbt_limit(view: ClusterView, slo: Slo) -> float:
+    # The SLO binds a request's slowest gaps; the fitted step is a middle one (cost_model.decode_tail_ratio).
+    return slo.tbt_s / view.cost.decode_tail_ratio
+
+
 def _check_none(view: ClusterView, p: Placement, req: Request, slo: Slo) -> Rejection | None:
     return None
-
-
-def _kv_need(view: ClusterView, req: Request) -> int:
-    return req.prompt_tokens + view.ledger.expected_output(req.max_tokens)
 
 
 def _check_load(view: ClusterView, p: Placement, req: Request, slo: Slo) -> Rejection | None:
@@ -49,34 +55,26 @@ def _check_load(view: ClusterView, p: Placement, req: Request, slo: Slo) -> Reje
         return r
     d = p.decode
     tbt_now = view.cost.decode_step_time(d.batch + 1, d.context_tokens + req.prompt_tokens)
+    tbt_now *= view.ledger.tbt_correction
     free_tokens = d.load.free_kv_blocks * d.info.kv_block_size - d.reserved_context_tokens
-    if tbt_now > slo.tbt_s or (d.load.total_kv_blocks > 0 and free_tokens < _kv_need(view, req)):
+    if tbt_now > _tbt_limit(view, slo) or (d.load.total_kv_blocks > 0 and free_tokens < kv_need(view, req)):
         return Rejection("tbt_slo", retry_after_s=1.0)
     return None
 
 
 def predicted_decode_at_arrival(view: ClusterView, p: Placement, req: Request) -> tuple[float, int]:
-    """(TBT, KV tokens in use) on the chosen decode instance when this request would get there, with it.
-
-    Anchored on the decode instance's last report (what is really running), moved forward by the ledger.
-    """
-    d = p.decode
-    arrival = view.now + p.predicted_ttft_s
-    batch, context, kv = view.ledger.predict_decode_change(d.instance_id, d.last_heartbeat, view.now, arrival,
-                                                           d.load.waiting)
-    used = (d.load.total_kv_blocks - d.load.free_kv_blocks) * d.info.kv_block_size
-    tbt = view.cost.decode_step_time(max(0, d.load.running + d.load.waiting + batch) + 1,
-                                     max(0, d.load.running_context_tokens + context) + req.prompt_tokens)
-    return tbt, max(0, used + kv) + _kv_need(view, req)
+    """(TBT, KV tokens in use) on the chosen decode instance when this request would get there, with it."""
+    return decode_at(view, p.decode, req, view.now + p.predicted_ttft_s)
 
 
 def _check_predicted(view: ClusterView, p: Placement, req: Request, slo: Slo) -> Rejection | None:
     if (r := _ttft(view, p, slo)) is not None:
         return r
     tbt, kv_tokens = predicted_decode_at_arrival(view, p, req)
+    tbt *= view.ledger.tbt_correction
     d = p.decode
     capacity = d.load.total_kv_blocks * d.info.kv_block_size
-    if tbt > slo.tbt_s or (capacity > 0 and kv_tokens > capacity):
+    if tbt > _tbt_limit(view, slo) or (capacity > 0 and kv_tokens > capacity):
         return Rejection("tbt_slo", retry_after_s=max(1.0, p.predicted_ttft_s))
     return None
 

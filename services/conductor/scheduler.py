@@ -78,8 +78,9 @@ class Conductor:
         self._seq = 0
         self._lock = threading.Lock()
 
-    def view(self, now: float, model_id: str = "") -> ClusterView:
-        states = [s for s in self.registry.instances() if now - s.last_heartbeat <= self.suspect_after_s]
+    def view(self, now: float, model_id: str = "", avoid: tuple[str, ...] = ()) -> ClusterView:
+        states = [s for s in self.registry.instances()
+                  if now - s.last_heartbeat <= self.suspect_after_s and s.instance_id not in avoid]
         if model_id:
             states = [s for s in states if s.info.role == Role.KVSTORE or s.info.model_id in ("", model_id)]
         states = add_reservations(states, self.ledger)
@@ -96,7 +97,7 @@ class Conductor:
     def place(self, req: Request, now: float) -> Placement | Rejection:
         # One placement at a time: reservations must see the previous decision, or a burst lands on one instance.
         with self._lock:
-            result = decide(self.view(now, req.model_id), req, self.policy, self.rejection, self.slo)
+            result = decide(self.view(now, req.model_id, req.avoid), req, self.policy, self.rejection, self.slo)
             if isinstance(result, Placement):
                 self._seq += 1
             return result

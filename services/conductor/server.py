@@ -89,7 +89,8 @@ class ConductorServicer(conductor_pb2_grpc.ConductorServicer):
     async def Place(self, request, context):
         req = Request(request_id=request.request_id, prompt_tokens=request.prompt_tokens,
                       max_tokens=request.max_tokens, block_hashes=tuple(request.block_hashes),
-                      block_size=self._block_size(request), model_id=request.model_id)
+                      block_size=self._block_size(request), model_id=request.model_id,
+                      avoid=tuple(request.avoid_instance_ids))
         try:
             result = self.c.place(req, self.clock.now())
         except ValueError as e:

@@ -38,6 +38,21 @@ def api_error_from_rpc(what: str, err: grpc.aio.AioRpcError) -> ApiError:
                     retry_after_s=1.0 if status in (429, 503) else None)
 
 
+class WorkerLost(ApiError):
+    """A prefill or decode worker went away mid-request (its channel broke, or it aborted the request as it shut
+    down): the request can resume elsewhere from the tokens already sent."""
+
+    def __init__(self, message: str, instance_id: str):
+        super().__init__(503, message, retry_after_s=1.0)
+        self.instance_id = instance_id
+
+
+def _worker_error(what: str, instance_id: str, err: grpc.aio.AioRpcError) -> ApiError:
+    if err.code() == grpc.StatusCode.UNAVAILABLE:
+        return WorkerLost(f"{what} worker {instance_id} lost: {err.details()}", instance_id)
+    return api_error_from_rpc(what, err)
+
+
 @dataclass
 class SubRequest:
     """One choice of a request: what the conductor, prefill and decode are told."""
@@ -50,6 +65,7 @@ class SubRequest:
     placement: conductor_pb2.PlaceResponse | None = None
     reused_tokens: int = 0  # prompt tokens prefill did not compute (its own cache or the store)
     started: float = field(default_factory=time.monotonic)
+    avoid: list[str] = field(default_factory=list)  # workers that failed this request: placed elsewhere
 
 
 class ClusterClient:
@@ -82,7 +98,8 @@ class ClusterClient:
     async def place(self, sub: SubRequest, max_tokens: int) -> None:
         request = conductor_pb2.PlaceRequest(request_id=sub.request_id, model_id=sub.model_id,
                                              prompt_tokens=len(sub.prompt_ids), max_tokens=max_tokens,
-                                             block_hashes=sub.block_hashes, block_size=self.block_size)
+                                             block_hashes=sub.block_hashes, block_size=self.block_size,
+                                             avoid_instance_ids=sub.avoid)
         try:
             reply = await self._conductor().Place(request, timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as err:
@@ -119,7 +136,7 @@ class ClusterClient:
                 sampling=sub.sampling, kvstore_address=place.kvstore.data_address,
                 kvstore_transport=place.kvstore.transport), timeout=_left(deadline))
         except grpc.aio.AioRpcError as err:
-            raise api_error_from_rpc("prefill", err) from err
+            raise _worker_error("prefill", place.prefill.instance_id, err) from err
         sub.reused_tokens = first.cached_tokens + first.loaded_tokens
         decode = decode_pb2_grpc.DecodeStub(self.pool.get(place.decode.address))
         request = decode_pb2.GenerateRequest(
@@ -134,7 +151,7 @@ class ClusterClient:
             async for chunk in call:
                 yield chunk
         except grpc.aio.AioRpcError as err:
-            raise api_error_from_rpc("decode", err) from err
+            raise _worker_error("decode", place.decode.instance_id, err) from err
         finally:
             call.cancel()  # no-op when finished; on client disconnect it aborts decode's request
 

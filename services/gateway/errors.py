@@ -85,7 +85,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
+    if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     param = _field_path(first.get("loc", ()))
+    if param is None and first.get("type") == "missing":
+        return "a JSON object is required as the request body", None
     if first.get("type") == "extra_forbidden":  # OpenAI's words for an unknown field
         return f"Unrecognized request argument supplied: {param}", param
     # a union (prompt: a string, or a list of strings, or of ids...) fails once per branch: say each way once

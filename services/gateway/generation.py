@@ -2,22 +2,28 @@
 
 The choices run concurrently; their chunks are merged in arrival order. Whatever ends the run (done, error, client
 gone), every sub-request is cancelled and reported to the conductor with Finish, shielded from cancellation.
+
+A choice whose prefill or decode worker dies (its channel breaks) resumes: it is placed again, away from the dead
+worker, with the prompt plus the tokens already sent as its prompt (their KV comes from the store or is
+recomputed), and the client's stream goes on. Greedy output is the same as an undisturbed run's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
 
 import anyio
 
 from crescent.proto.v1 import common_pb2
 from crescent.services.common import metrics as m
-from crescent.services.gateway.backend import ClusterClient, SubRequest, cancel_all
+from crescent.services.gateway.backend import ClusterClient, SubRequest, WorkerLost, cancel_all
 from crescent.services.gateway.errors import ApiError
 
+log = logging.getLogger(__name__)
 _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
 
 
@@ -54,12 +60,17 @@ class ChoiceState:
 class Run:
     """The sub-requests of one API request, placed and then generated together."""
 
-    def __init__(self, client: ClusterClient, subs: list[SubRequest]):
+    def __init__(self, client: ClusterClient, subs: list[SubRequest],
+                 hasher: Callable[[list[int]], list[int]] | None = None, resume_timeout_s: float = 0.0):
         self.client = client
         self.subs = subs
         self.states = [ChoiceState(i, len(s.prompt_ids)) for i, s in enumerate(subs)]
         self.started = time.monotonic()
         self.ok = False
+        self.hasher = hasher
+        """Prefix-block hashes of a token list (for a resumed choice's longer prompt); None: never resume."""
+        self.resume_timeout_s = resume_timeout_s
+        """How long a choice whose worker died may wait for a new placement (0: it fails with the worker)."""
 
     async def place_all(self, max_tokens: int) -> None:
         """Admit every choice or none: on a rejection, the admitted ones are finished at once."""
@@ -96,21 +107,69 @@ class Run:
 
     async def _pump(self, index: int, sub: SubRequest, queue: asyncio.Queue) -> None:
         try:
-            finished = False
-            async for chunk in self.client.generate(sub):
-                if chunk.finish_reason == common_pb2.FINISH_REASON_ABORT:
-                    raise ApiError(503, "the decode worker aborted the request", retry_after_s=1.0)
-                self.states[index].cached_tokens = sub.reused_tokens
-                if finished:
-                    continue  # nothing follows a finish; drain to the end so the RPC completes, not cancels
-                reason = _FINISH.get(chunk.finish_reason)
-                await queue.put(Delta(index, list(chunk.token_ids), chunk.text, list(chunk.logprobs), reason))
-                finished = reason is not None
+            sent: list[int] = []  # token ids of this choice already handed to the client
+            lost_at: float | None = None
+            while True:
+                try:
+                    finished = await self._relay(index, sub, queue, sent)
+                    break
+                except WorkerLost as lost:
+                    lost_at = lost_at or time.monotonic()
+                    if self.hasher is None or time.monotonic() - lost_at > self.resume_timeout_s:
+                        raise
+                    sub = await self._resume(index, sub, sent, lost, lost_at)
             if not finished:
                 raise ApiError(502, "the decode stream ended without a finish reason")
             await queue.put(None)
         except Exception as exc:  # forwarded to the consumer, which raises it in the request's context
             await queue.put(exc)
+
+    async def _relay(self, index: int, sub: SubRequest, queue: asyncio.Queue, sent: list[int]) -> bool:
+        """Relay one placement's stream; True when it finished (later chunks are drained, not relayed)."""
+        finished = False
+        async for chunk in self.client.generate(sub):
+            if chunk.finish_reason == common_pb2.FINISH_REASON_ABORT:
+                decode = sub.placement.decode.instance_id if sub.placement else ""
+                raise WorkerLost("the decode worker aborted the request (it is shutting down)", decode)
+            if not sent:
+                self.states[index].cached_tokens = sub.reused_tokens
+            if finished:
+                continue  # nothing follows a finish; drain to the end so the RPC completes, not cancels
+            reason = _FINISH.get(chunk.finish_reason)
+            await queue.put(Delta(index, list(chunk.token_ids), chunk.text, list(chunk.logprobs), reason))
+            sent.extend(chunk.token_ids)
+            finished = reason is not None
+        return finished
+
+    async def _resume(self, index: int, sub: SubRequest, sent: list[int], lost: WorkerLost,
+                      lost_at: float) -> SubRequest:
+        """Place the choice again, away from the lost worker, continuing after the tokens already sent."""
+        await self.client.finish(sub, ok=False, completion_tokens=len(sent), ttft_s=0.0, mean_tbt_s=0.0)
+        original = self.subs[index]
+        prompt = original.prompt_ids + sent
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(original.sampling)
+        sampling.max_tokens = max(1, original.sampling.max_tokens - len(sent))
+        sampling.min_tokens = max(0, original.sampling.min_tokens - len(sent))
+        attempt = sub.request_id.rsplit("~", 1)
+        n = int(attempt[1]) + 1 if len(attempt) == 2 and attempt[1].isdigit() else 1
+        resumed = replace(original, request_id=f"{original.request_id}~{n}", prompt_ids=prompt,
+                          block_hashes=self.hasher(prompt), sampling=sampling, placement=None,
+                          avoid=[*sub.avoid, lost.instance_id], started=original.started)
+        m.GATEWAY_RESUMES.inc()
+        log.warning("%s: %s; resuming after %d tokens as %s", original.request_id, lost.message, len(sent),
+                    resumed.request_id)
+        while True:
+            try:
+                await self.client.place(resumed, sampling.max_tokens)
+                return resumed
+            except ApiError as err:  # no instance yet (a restart under way) or busy: wait within the budget
+                if err.status not in (429, 503) or time.monotonic() - lost_at > self.resume_timeout_s:
+                    raise
+                # The only instance of a role may be the lost one, restarted under its old id: stop avoiding it
+                # (if it is still dead, its channel fails at once and the next round avoids it again).
+                resumed.avoid = []
+                await asyncio.sleep(min(1.0, err.retry_after_s or 0.5))
 
     def _observe(self, delta: Delta) -> None:
         state = self.states[delta.index]

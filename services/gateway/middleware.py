@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crescent.services.common import metrics as m
 from crescent.services.gateway.errors import ApiError, count_outcome
+
+log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 """Paths that answer without an API key: probes and Prometheus do not carry one."""
@@ -48,21 +51,32 @@ class RequestContext:
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
             await send(message)
 
         if self.key_digests and scope["path"] not in OPEN_PATHS \
                 and not self.authorized(headers.get(b"authorization", b"")):
-            count_outcome(scope["path"], 401)
             await ApiError(401, "invalid or missing API key", code="invalid_api_key").response()(
                 scope, receive, send_with_id)
             return
         m.GATEWAY_IN_FLIGHT.inc()
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if started:
+                raise  # nothing can be said any more; the server ends the connection
+            # Answered here, not by Starlette's last-resort handler: that one re-raises after its 500, and the
+            # server then closes the client's keep-alive connection. A bug costs one request, not a connection.
+            log.exception("unhandled error on %s", scope["path"])
+            count_outcome(scope["path"], 500)
+            await ApiError(500, f"internal error: {type(exc).__name__}").response()(scope, receive, send_with_id)
         finally:
             m.GATEWAY_IN_FLIGHT.dec()
 

@@ -163,7 +163,8 @@ async def _serve(st: GatewayState, request: Request, body: _SamplingFields, prom
             k = p * body.n + j
             subs.append(SubRequest(f"{internal_id}-{k}", st.model_id, ids, hashes, _sampling(body, max_tokens,
                                                                                          logprobs, j)))
-    run = Run(st.client, subs)
+    run = Run(st.client, subs, hasher=lambda ids: prefix_block_hashes(ids, st.settings.kv_block_size, st.hash_model_id),
+              resume_timeout_s=st.settings.resume_timeout_s)
     await run.place_all(max_tokens)  # a rejection is a plain 429 here, before any byte is sent
     created = int(time.time())
     response_id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + request_id

@@ -36,6 +36,9 @@ class GatewaySettings(CrescentSettings):
     cors_allow_credentials: bool = Field(False, description="Whether CORS lets browsers send cookies and "
                                                             "Authorization (not with origin `*`).")
     request_timeout_s: float = Field(600.0, description="Upper bound on one request, prefill + decode.", gt=0)
+    resume_timeout_s: float = Field(
+        60.0, description="A request whose prefill or decode worker dies resumes on another (or the restarted) "
+        "one from the tokens already sent, waiting at most this long for a placement; 0 = fail it instead.", ge=0)
     rpc_timeout_s: float = Field(10.0, description="Deadline of the conductor's Place/Finish calls.", gt=0)
     ready_poll_s: float = Field(1.0, description="How often readiness (conductor + instances) is re-checked.", gt=0)
     model_watch_interval_s: float = Field(5.0, ge=0, description="When model is a published model directory: how "

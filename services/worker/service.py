@@ -130,7 +130,9 @@ class WorkerRuntime:
         from crescent.engine.async_engine import AsyncEngine
 
         old, old_version = self.engine, self.version
-        engine.step_observer = _step_metrics(self.role_name)
+        step_seconds = m.WORKER_STEP_SECONDS
+        role = self.role_name
+        engine.step_observer = lambda kind, seconds, prompt, sampled: step_seconds.labels(role, kind).observe(seconds)
         self.engine = AsyncEngine(engine).start()
         self.model_id = engine.model_id
         self.served_name = self.watcher.name if self.watcher is not None else engine.model_id
@@ -165,11 +167,17 @@ class WorkerRuntime:
         m.WORKER_RUNNING.labels(role).set(stats.running)
         m.WORKER_WAITING.labels(role).set(stats.waiting)
         m.WORKER_KV_USAGE.labels(role).set(stats.kv_usage)
-        for key, now, counter in (("query", stats.prefix_query_tokens, m.WORKER_PREFIX_QUERIES),
-                                  ("hit", stats.prefix_hit_tokens, m.WORKER_PREFIX_HITS),
-                                  ("preempt", stats.preemptions, m.WORKER_PREEMPTIONS)):
+        model = self.served_name
+        m.VLLM_RUNNING.labels(model).set(stats.running)
+        m.VLLM_WAITING.labels(model).set(stats.waiting)
+        m.VLLM_KV_USAGE.labels(model).set(stats.kv_usage)
+        for key, now, counter, vllm_counter in (
+                ("query", stats.prefix_query_tokens, m.WORKER_PREFIX_QUERIES, m.VLLM_PREFIX_QUERIES),
+                ("hit", stats.prefix_hit_tokens, m.WORKER_PREFIX_HITS, m.VLLM_PREFIX_HITS),
+                ("preempt", stats.preemptions, m.WORKER_PREEMPTIONS, m.VLLM_NUM_PREEMPTIONS)):
             if now > self._seen[key]:
                 counter.labels(role).inc(now - self._seen[key])
+                vllm_counter.labels(model).inc(now - self._seen[key])
                 self._seen[key] = now
         return common_pb2.Load(waiting=stats.waiting, running=stats.running, free_kv_blocks=stats.free_blocks,
                                total_kv_blocks=stats.total_blocks, queued_prefill_tokens=stats.queued_prefill_tokens,
@@ -226,18 +234,6 @@ async def run_worker(runtime: WorkerRuntime, services: list[Service], stop: asyn
         await server.stop(grace_s=1.0)
         await runtime.close_engines()
         log.info("stopped")
-
-
-def _step_metrics(role: str) -> Callable[[str, float, int, int], None]:
-    """The engine's step observer: each forward's duration by batch kind (runs in the engine thread)."""
-    by_kind: dict[str, Any] = {}
-
-    def observe(kind: str, seconds: float, prompt_tokens: int, sampled: int) -> None:
-        if kind not in by_kind:
-            by_kind[kind] = m.WORKER_STEP_SECONDS.labels(role, kind)
-        by_kind[kind].observe(seconds)
-
-    return observe
 
 
 async def _refresh_metrics(runtime: WorkerRuntime, period_s: float) -> None:

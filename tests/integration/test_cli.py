@@ -75,3 +75,81 @@ def test_up_plan_agg_starts_aggregated_workers_and_disagg_stays_the_default():
     with pytest.raises(ValueError, match="mode"):
         plan_local_cluster("/models/m", "m", mode="both")
     assert cli._up_parser().parse_args([]).mode == "disagg"
+
+
+def _hf_cache_with(model_dir: Path, cache: Path, repo_id: str) -> Path:
+    """A Hugging Face hub cache laid out as huggingface_hub writes it: models--ORG--NAME/{refs/main, snapshots/REV}."""
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    return snapshot
+
+
+def test_hf_model_id_resolves_from_the_local_cache_only(tmp_path):
+    from crescent.models.prepare import make_tiny_model
+
+    make_tiny_model(tmp_path / "tiny", layers=1, hidden=32)
+    snapshot = _hf_cache_with(tmp_path / "tiny", tmp_path / "hub", "acme/tiny")
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = "from crescent.models.registry import resolve_model_path as r; import sys; print(r(sys.argv[1]))"
+    found = subprocess.run([sys.executable, "-c", code, "acme/tiny"], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert found.returncode == 0 and Path(found.stdout.strip()) == snapshot, found.stderr
+    missing = subprocess.run([sys.executable, "-c", code, "acme/absent"], env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode != 0 and "local HF cache" in missing.stderr and "never downloads" in missing.stderr
+
+
+def test_up_takes_the_model_positionally_with_api_key_and_max_model_len(tmp_path):
+    """`crescent up ORG/NAME --api-key K --max-model-len N`, as a vllm serve user would type it."""
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    from crescent.models.prepare import make_tiny_model
+    from crescent.services.common.launcher import free_port
+
+    make_tiny_model(tmp_path / "tiny", layers=2, hidden=64)
+    _hf_cache_with(tmp_path / "tiny", tmp_path / "hub", "acme/tiny")
+    port = free_port()
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "CRESCENT_TORCH_THREADS": "1",
+           "CRESCENT_NUM_KV_BLOCKS": "64", "CRESCENT_DEVICE": "cpu", "CRESCENT_DATA_DIR": str(tmp_path / "kv"),
+           "CRESCENT_SSD_CAPACITY_BYTES": "0", "CRESCENT_DRAM_CAPACITY_BYTES": str(16 << 20)}
+    proc = subprocess.Popen([sys.executable, "-m", "crescent.cli", "up", "acme/tiny", "--api-key", "sekret",
+                             "--max-model-len", "96", "--free-ports", "--port", str(port), "--log-dir",
+                             str(tmp_path / "logs")], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "crescent up did not come up"
+            time.sleep(0.5)
+        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+        auth = {"Authorization": "Bearer sekret"}
+        models = httpx.get(url + "/v1/models", headers=auth, timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["acme/tiny"]  # served under its HF id, as vllm serve does
+        model = "acme/tiny"
+        ok = httpx.post(url + "/v1/completions", headers=auth, timeout=60,
+                        json={"model": model, "prompt": "hello", "max_tokens": 4})
+        assert ok.status_code == 200, ok.text
+        long = httpx.post(url + "/v1/completions", headers=auth, timeout=60,
+                          json={"model": model, "prompt": "hello " * 120, "max_tokens": 4})
+        assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded", long.text
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -137,6 +137,12 @@ def test_shared_prefix_is_loaded_not_recomputed_and_output_unchanged(client, clu
     assert out_b.usage.prompt_tokens_details.cached_tokens >= 96  # prefill did not recompute the prefix
     assert scrape(workers, "crescent_worker_kvstore_hit_tokens_total") - hits0 >= 96, logs_tail(tmp)
     assert scrape(plan.metrics_urls("prefill"), "crescent_worker_prefix_cache_hits_total") - prefix0 >= 96
+    # the same under vLLM's names and label, for dashboards and endpoint pickers written for vLLM
+    assert scrape(plan.metrics_urls("prefill"), "vllm:prefix_cache_hits_total", {"model_name": TINY_NAME}) >= 96
+    exported = httpx.get(plan.metrics_urls("decode")[0], timeout=5, trust_env=False).text
+    for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+        assert f'{gauge}{{model_name="{TINY_NAME}"}}' in exported, gauge
+    assert scrape(workers, "crescent_worker_step_seconds_count") > 0  # the engine's steps are observed
     assert scrape(store, "crescent_kvstore_operations_total", {"op": "get", "result": "hit"}) > gets0
     assert out_b.choices[0].text == _reference(tmp, b, temperature=0, max_tokens=6)
 

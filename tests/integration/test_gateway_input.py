@@ -96,6 +96,15 @@ def test_lone_surrogates_are_400_on_an_open_connection(http, raw):
     _still_open(http)
 
 
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"", b"{", b"[]", b"null", b"[" * 30_000 + b"]" * 30_000],
+                         ids=["not-utf8", "empty", "truncated", "list", "null", "nested-30k"])
+def test_bodies_that_are_no_json_object_are_400(http, raw):
+    r = http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    _error(r, 400, param=None)
+    assert r.json()["error"]["param"] is None
+    _still_open(http)
+
+
 def test_a_surrogate_pair_is_one_character_and_served(http):
     raw = '{"model": "fake-model", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "max_tokens": 2}'
     assert _post_raw(http, "/v1/chat/completions", raw).status_code == 200
@@ -262,3 +271,23 @@ def test_an_unusable_key_file_stops_the_start(tmp_path, content):
     with pytest.raises((OSError, ValueError)):
         create_app(GatewaySettings(served_model_name=MODEL, api_key_file=str(key_file)),
                    encoder=PromptEncoder(CharTokenizer(), max_model_len=200))
+
+
+class BrokenTokenizer(CharTokenizer):
+    """A bug stand-in: tokenizing "boom" raises what no handler expects."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if text == "boom":
+            raise RuntimeError("a bug")
+        return super().encode(text, add_special_tokens)
+
+
+def test_an_unexpected_error_is_a_500_that_keeps_the_connection(cluster):
+    with running_gateway(cluster.address, BrokenTokenizer()) as url, httpx.Client(base_url=url, timeout=10) as http:
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "boom", "max_tokens": 1})
+        err = _error(r, 500)
+        assert err["type"] == "server_error" and "RuntimeError" in err["message"]
+        port = r.extensions["network_stream"].get_extra_info("client_addr")
+        again = http.post("/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 1})
+        assert again.status_code == 200
+        assert again.extensions["network_stream"].get_extra_info("client_addr") == port  # the same connection

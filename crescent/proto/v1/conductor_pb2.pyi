@@ -95,20 +95,22 @@ class KvEventBatch(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., model_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ...) -> None: ...
 
 class PlaceRequest(_message.Message):
-    __slots__ = ("request_id", "model_id", "prompt_tokens", "max_tokens", "block_hashes", "block_size")
+    __slots__ = ("request_id", "model_id", "prompt_tokens", "max_tokens", "block_hashes", "block_size", "avoid_instance_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    AVOID_INSTANCE_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_id: str
     prompt_tokens: int
     max_tokens: int
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     block_size: int
-    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ...) -> None: ...
+    avoid_instance_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., avoid_instance_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PlaceResponse(_message.Message):
     __slots__ = ("accepted", "reject_reason", "retry_after_s", "prefill", "decode", "kvstore", "cached_prefix_blocks", "predicted_ttft_s", "policy", "replicate_from", "replicate_blocks", "predicted_tbt_s")

@@ -46,7 +46,11 @@ app.kubernetes.io/part-of: crescent
 
 {{/* Image for a component: its own `image` keys over the global ones. Args: root, comp. */}}
 {{- define "crescent.image" -}}
-{{- $img := merge (deepCopy (default dict .comp.image)) .root.Values.image }}
+{{- $base := deepCopy .root.Values.image }}
+{{- if and (has .role (list "gateway" "conductor" "kvstore")) .root.Values.image.frontRepository }}
+{{- $_ := set $base "repository" .root.Values.image.frontRepository }}
+{{- end }}
+{{- $img := merge (deepCopy (default dict .comp.image)) $base }}
 {{- printf "%s:%s" $img.repository (default .root.Chart.AppVersion ($img.tag | toString)) }}
 {{- end }}
 

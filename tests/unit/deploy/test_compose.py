@@ -62,9 +62,7 @@ def test_volumes_monitoring_and_published_ports():
     assert services["kvstore"]["environment"]["CRESCENT_DATA_DIR"] == "/data"
     for role in ("prefill", "decode"):
         assert "model-cache:/home/crescent/.cache/crescent/models" in services[role]["volumes"]
-    # the gateway reads the tokenizer from the folder the worker image prepared, and never writes it
-    assert "model-cache:/home/crescent/.cache/crescent/models:ro" in services["gateway"]["volumes"]
-    assert services["gateway"]["depends_on"]["prefill"] == {"condition": "service_healthy"}
+    assert "volumes" not in services["gateway"]  # the front image carries the default model's tokenizer
     assert services["gateway"]["ports"] == ["127.0.0.1:8000:8000"]
     assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
     grafana_mounts = services["grafana"]["volumes"]
@@ -88,6 +86,9 @@ def test_front_image_installs_no_torch():
     front, worker = _stage(text, "front"), _stage(text, "worker")
     assert "pip install --index-url" not in front and "torch==" not in front and 'pip install ".[mooncake]"' in front
     assert "torch==2.13.0" in worker and '".[worker,${EXTRAS}]"' in worker
+    # the gateway's tokenizer: the converted model's JSON files and completeness marker, not its weights
+    assert "COPY --from=worker" in front and "*.json" in front and ".crescent-complete" in front
+    assert "safetensors" not in front
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -106,7 +107,7 @@ def test_dockerfile_builds_images_that_run_offline():
     assert "USER crescent" in text and "--uid ${UID}" in text and "ARG UID=10001" in text  # the chart's runAsUser
     for port in (8000, 50051, 9051, 50061, 9061, 50071, 9071, 50081, 9081, 50082):
         assert str(port) in text.split("EXPOSE", 1)[1].splitlines()[0]
-    copied = [line.split()[1] for line in text.splitlines() if line.startswith("COPY ")]
+    copied = [line.split()[1] for line in text.splitlines() if line.startswith("COPY ") and "--from=" not in line]
     for source in copied:
         if source != "README.md":  # the lead's top-level README; the build needs it (pyproject's readme)
             assert (REPO / source).exists(), source

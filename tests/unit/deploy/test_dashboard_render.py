@@ -68,7 +68,9 @@ def test_record_then_plot_from_a_real_prometheus(exporter, tmp_path):
     with render.LocalPrometheus(data, render.scrape_config({}, INTERVAL_S)) as prometheus:
         requests = next(p for p in dashboard["panels"] if p["title"] == "Request rate by outcome")
         series = render.panel_series(requests, prometheus.url, run["start"], run["end"], INTERVAL_S)
-        assert set(series) == {"ok", "rejected"}
+        # other outcomes can exist in this process' registry (earlier tests in the same run): they do not move
+        assert {"ok", "rejected"} <= set(series)
+        assert all(v == 0 for name in set(series) - {"ok", "rejected"} for v in settled(series[name]))
         assert settled(series["ok"]) and all(v == pytest.approx(OK_PER_S, rel=0.3) for v in settled(series["ok"]))
         assert all(v == pytest.approx(REJECTED_PER_S, rel=0.3) for v in settled(series["rejected"]))
         ttft = next(p for p in dashboard["panels"] if p["title"] == "Time to first token")

@@ -56,3 +56,23 @@ def test_encode_documents_separates_with_eos():
     tok = train_tokenizer((d.text for d in corpus.train), vocab_size=300)
     stream = encode_documents(tok, corpus.val)
     assert (stream == special_id(tok, "<|endoftext|>")).sum().item() == len(corpus.val)
+
+
+def test_evaluation_operand_pairs_appear_in_no_training_data():
+    """The RL evaluation is held out from all training data by operand pair: no pretraining dialogue and no RL prompt
+    uses a pair (in either order, with any operator) that the evaluation asks about."""
+    import random
+
+    from crescent.training.data import arithmetic_dialogues
+    from crescent.training.rl import train_problems
+    from crescent.training.tasks import make_problems, operand_pair
+
+    eval_pairs = {operand_pair(p) for d in (1, 2) for p in make_problems(11, 300, d, "eval")}
+    dialogues = arithmetic_dialogues(3000, seed=0, max_difficulty=2)
+    rl = [p for d in (1, 2) for p in train_problems(random.Random(5), 1000, d)]
+    assert len(eval_pairs) > 100 and len(dialogues) == 3000
+    questions = [d.text for d in dialogues]
+    for lo, hi in eval_pairs:
+        for a, b in ((lo, hi), (hi, lo)):
+            assert not any(f"What is {a} {op} {b}?" in q for q in questions for op in "+-*"), (a, b)
+    assert not eval_pairs & {operand_pair(p) for p in rl}

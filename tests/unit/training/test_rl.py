@@ -66,7 +66,7 @@ def test_exact_match_reward_uses_last_integer():
     assert exact_match_reward("The answer is 42.", 42) == 1.0
     assert exact_match_reward("42 or 43", 42) == 0.0
     assert exact_match_reward("no idea", 42) == 0.0
-    problems = make_problems(0, 50, 2)
+    problems = make_problems(0, 50, 2, "eval")
     assert all(exact_match_reward(p.solution, p.answer) == 1.0 for p in problems)
 
 

@@ -16,6 +16,7 @@ def test_calibrate_recovers_the_coefficients_and_round_trips(tmp_path):
     for b, ctx in [(1, 100), (32, 32 * 600)]:
         assert model.decode_step_time(b, ctx) == pytest.approx(truth.decode_step_time(b, ctx), rel=0.05)
     assert model.kv_bytes_per_token == 4096 and model.bandwidth_bps["SSD"] == 1e9
+    assert 1.0 <= model.decode_tail_ratio <= 1.03  # the slowest measured/fitted step, with 1% noise
     path = tmp_path / "cost.json"
     model.save(path)
     assert CostModel.load(path) == model

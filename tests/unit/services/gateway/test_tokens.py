@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -72,3 +77,20 @@ def test_an_oversized_prompt_is_refused_without_tokenizing(byte_level):
             call()
         assert refused.value.status == 400 and refused.value.code == "context_length_exceeded"
     assert CountingTokenizer.calls == calls
+
+
+def test_the_gateway_app_builds_without_importing_torch():
+    from crescent.models.prepare import ensure_default_model
+
+    folder = ensure_default_model()  # converted here (with torch) if this machine never did it
+    code = ("import sys\n"
+            "from crescent.services.gateway.server import create_app\n"
+            "from crescent.services.gateway.settings import GatewaySettings\n"
+            "create_app(GatewaySettings(model='default'))\n"
+            "create_app(GatewaySettings(model=sys.argv[1]))\n"
+            "assert 'torch' not in sys.modules, 'the gateway imported torch'\n")
+    repo = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

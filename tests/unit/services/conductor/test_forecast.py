@@ -1,0 +1,69 @@
+"""The decode forecast (forecast.py) as mooncake's decode choice, and what the ledger learns from finishes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from crescent.services.conductor.cluster import Role, Slo
+from crescent.services.conductor.ledger import MIN_GAPS_TO_LEARN, InFlight, Ledger
+from crescent.services.conductor.policies import cache_aware, mooncake
+from crescent.services.conductor.rejection import check_admission
+
+from .helpers import COST, inst, request, view
+
+
+def _inflight(rid: str, decode: str, start: float, predicted_tbt_s: float = 0.01) -> InFlight:
+    return InFlight(rid, "p0", decode, prompt_tokens=1000, new_prefill_tokens=1000, expected_output=100,
+                    placed_at=0.0, decode_start=start, predicted_tbt_s=predicted_tbt_s)
+
+
+def test_mooncake_sends_decode_where_the_load_will_be_lowest_at_arrival():
+    # d0 reports 40 running, all of them done by the time this request leaves prefill; d1 reports nothing,
+    # but 30 admitted prefills land on it first. The last report favours d1; the forecast favours d0.
+    ledger = Ledger()
+    for i in range(40):
+        ledger.add(_inflight(f"old{i}", "d0", start=-10.0, predicted_tbt_s=10.01 / 100))  # last token at 0.01 s
+    for i in range(30):
+        ledger.add(_inflight(f"new{i}", "d1", start=0.001))
+    decode = [inst("d0", Role.DECODE, running=40, running_context_tokens=40_000), inst("d1", Role.DECODE)]
+    v = view([inst("p0", Role.PREFILL)], decode, ledger=ledger)
+    assert cache_aware(v, request(1)).decode.instance_id == "d1"
+    assert mooncake(v, request(1)).decode.instance_id == "d0"
+
+
+def test_the_ledger_learns_how_far_the_planner_misses_the_step_time():
+    ledger = Ledger(ema_weight=0.5)
+    ledger.add(_inflight("short", "d0", 0.0, predicted_tbt_s=0.01))
+    ledger.finish("short", completion_tokens=MIN_GAPS_TO_LEARN - 1, mean_tbt_s=0.05)
+    assert ledger.tbt_correction == 1.0  # a few gaps are mostly the first, join-waiting one: not learnt
+    ledger.add(_inflight("long", "d0", 0.0, predicted_tbt_s=0.01))
+    ledger.finish("long", completion_tokens=100, mean_tbt_s=0.02)
+    assert ledger.tbt_correction == pytest.approx(1.5)  # halfway to 2x
+    ledger.add(_inflight("stuck", "d0", 0.0, predicted_tbt_s=0.01))
+    ledger.finish("stuck", completion_tokens=100, mean_tbt_s=10.0)
+    assert ledger.tbt_correction == pytest.approx(0.5 * 1.5 + 0.5 * 4.0)  # one outlier is clamped at 4x
+
+
+@pytest.mark.parametrize("mode", ["load", "predicted"])
+def test_both_decode_checks_use_the_learnt_correction_and_the_tail_ratio(mode):
+    # Step = 0.01 + 1e-3 * 41 + 1e-5 * (40_000 + 17) = 0.451 s for the fit.
+    decode = [inst("d0", Role.DECODE, running=40, running_context_tokens=40_000)]
+    slo = Slo(ttft_s=10.0, tbt_s=0.5, max_queue_per_instance=8)
+
+    def check(ledger: Ledger, cost=COST):
+        v = view([inst("p0", Role.PREFILL)], decode, ledger=ledger)
+        v.cost = cost
+        return check_admission(mode, v, cache_aware(v, request(1)), request(1), slo)
+
+    assert check(Ledger()) is None
+    slower = Ledger()
+    slower.tbt_correction = 1.2  # 0.54 s on the real machine
+    assert check(slower).reason == "tbt_slo"
+    assert check(Ledger(), dataclasses.replace(COST, decode_tail_ratio=1.2)).reason == "tbt_slo"
+
+
+def test_a_tail_ratio_below_one_is_refused():
+    with pytest.raises(ValueError, match="decode_tail_ratio must be >= 1"):
+        dataclasses.replace(COST, decode_tail_ratio=0.9)
