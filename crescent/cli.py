@@ -27,6 +27,7 @@ ROLES: dict[str, tuple[str, str]] = {
     "kvstore": ("crescent.services.kvstore.settings:KvStoreSettings", "crescent.services.kvstore.server:serve"),
     "prefill": ("crescent.services.worker.settings:PrefillSettings", "crescent.services.worker.main:serve"),
     "decode": ("crescent.services.worker.settings:DecodeSettings", "crescent.services.worker.main:serve"),
+    "worker": ("crescent.services.worker.settings:WorkerSettings", "crescent.services.worker.main:serve"),
 }
 
 # Subcommands owned by other packages: name -> "module:function(argv) -> int".
@@ -144,8 +145,11 @@ def _up_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="gateway listen address")
     p.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
     p.add_argument("--free-ports", action="store_true", help="pick free ports for every internal service")
-    p.add_argument("--prefill", type=int, default=1, help="prefill workers")
-    p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--mode", choices=("disagg", "agg"), default="disagg",
+                   help="disagg: separate prefill and decode workers; agg: workers that do both in one engine")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (disagg)")
+    p.add_argument("--decode", type=int, default=1, help="decode workers (disagg)")
+    p.add_argument("--workers", type=int, default=1, help="aggregated workers (agg)")
     p.add_argument("--log-dir", default="", help="per-service logs (default: a new temp folder)")
     p.add_argument("--startup-timeout-s", type=float, default=600.0, help="give up if not healthy by then")
     return p
@@ -200,9 +204,11 @@ def up(argv: list[str]) -> int:
     try:
         extra: dict[str, dict[str, object]] = {}
         if args.max_model_len:
-            extra = {role: {"max_model_len": args.max_model_len} for role in ("gateway", "prefill", "decode")}
+            extra = {role: {"max_model_len": args.max_model_len}
+                     for role in ("gateway", "prefill", "decode", "worker")}
         plan = plan_local_cluster(model, name, gateway_host=args.host, gateway_port=args.port,
-                                  prefill=args.prefill, decode=args.decode, free_ports=args.free_ports, extra=extra)
+                                  prefill=args.prefill, decode=args.decode, free_ports=args.free_ports, extra=extra,
+                                  mode=args.mode, workers=args.workers)
         group.env = {**plan.child_env(), **(group.env or {})}  # one internal token for this run (random unless set)
         for p in plan.processes:
             group.start(p.name, p.argv, p.health)

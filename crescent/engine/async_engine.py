@@ -101,18 +101,21 @@ class AsyncEngine:
                 out.error = f"{type(exc).__name__}: {exc}"
                 outputs.append(out)
         self._stats = self.engine.stats()  # before the outputs: a finished stream is no longer counted
-        for out in outputs:
-            self._deliver(out)
+        self._deliver(*outputs)
 
-    def _deliver(self, out: RequestOutput) -> None:
-        target = self._streams.get(out.request_id)
-        if target is None:
-            return
-        loop, queue = target
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, out)
-        except RuntimeError:  # the caller's loop is closed: nobody listens any more
-            self._streams.pop(out.request_id, None)
+    def _deliver(self, *outputs: RequestOutput) -> None:
+        """Hand a step's outputs to their streams: one wake-up per event loop and step, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the caller's loop is closed: nobody listens any more
+                for _, out in items:
+                    self._streams.pop(out.request_id, None)
 
     # --- asyncio side -------------------------------------------------------------------------------------------
     def latest_stats(self) -> EngineStats:
@@ -157,6 +160,10 @@ class AsyncEngine:
             added = True
             while not finished:
                 out = await queue.get()
+                # A consumer that fell behind (a slow client, a busy event loop) gets every queued step at once;
+                # one that keeps up never waits for a second token.
+                while not queue.empty() and not out.finished and out.error is None:
+                    out = out.merge(queue.get_nowait())
                 if out.error is not None:
                     finished = True
                     raise EngineError(f"request {request_id} failed: {out.error}")
@@ -166,3 +173,8 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if added and not finished and self.running:
                 self._submit(lambda: self.engine.abort_request(request_id))
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)

@@ -214,11 +214,13 @@ class LLMEngine:
         if seq.params.logprobs is not None:
             new_lp = [(t, math.nan, []) for t in req.unreported] + ([logprob] if logprob else [])
         req.unreported = []
-        return RequestOutput(
+        out = RequestOutput(
             request_id=seq.request_id, new_token_ids=new_ids, new_text=req.detok.pop_text(), new_logprobs=new_lp,
             finished=req.finish_reason is not None, finish_reason=req.finish_reason, prompt_tokens=seq.prompt_len,
-            completion_tokens=seq.num_outputs, cached_tokens=seq.num_cached_tokens,
-            token_ids=list(seq.output_ids), text=req.detok.text[:req.detok.emitted])
+            completion_tokens=seq.num_outputs, cached_tokens=seq.num_cached_tokens)
+        if out.finished:  # the whole output only once: per step it would copy O(length) per token
+            out.token_ids, out.text = seq.output_ids, req.detok.text[:req.detok.emitted]
+        return out
 
     def _finish(self, req: _Request, reason: str, new_ids: list[int], logprob: Logprob | None) -> RequestOutput:
         req.finish_reason = reason

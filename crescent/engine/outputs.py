@@ -23,11 +23,23 @@ class RequestOutput:
     cached_tokens: int = 0
     """Prompt tokens served from the prefix cache (local or imported)."""
     token_ids: list[int] = field(default_factory=list)
-    """All output token ids so far."""
+    """All output token ids: on the finished output only (copying them into every step's output would cost
+    O(output length) per token)."""
     text: str = ""
-    """All output text so far (without any held-back tail)."""
+    """All output text: on the finished output only, like ``token_ids``."""
     error: str | None = None
     """Why the request failed, when a step raised."""
+
+    def merge(self, later: RequestOutput) -> RequestOutput:
+        """This delta followed by ``later`` (of the same request) as one delta: a consumer that fell behind
+        takes every queued step's tokens at once."""
+        lp = None
+        if self.new_logprobs is not None or later.new_logprobs is not None:
+            lp = (self.new_logprobs or []) + (later.new_logprobs or [])
+        return RequestOutput(
+            self.request_id, self.new_token_ids + later.new_token_ids, self.new_text + later.new_text, lp,
+            later.finished, later.finish_reason, later.prompt_tokens, later.completion_tokens, later.cached_tokens,
+            later.token_ids, later.text, later.error)
 
 
 @dataclass

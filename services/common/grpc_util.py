@@ -43,9 +43,10 @@ class GrpcServer:
     ``internal_token``: every call but health checks must carry it (:mod:`auth`); empty = no authentication.
     """
 
-    def __init__(self, host: str, port: int, service_name: str, internal_token: str = ""):
+    def __init__(self, host: str, port: int, service_name: str, *more_services: str, internal_token: str = ""):
         self.address = f"{host}:{port}"
         self.service_name = service_name
+        self.service_names = ("", service_name, *more_services)  # health answers for each (and for the server)
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=auth.server_interceptors(internal_token))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -65,7 +66,7 @@ class GrpcServer:
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", self.service_name):
+        for name in self.service_names:
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float = 2.0) -> None:

@@ -188,7 +188,7 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 # --- a whole cluster on one machine ---------------------------------------------------------------------------
 DEFAULT_PORTS = {"conductor": (50051, 9051), "kvstore": (50081, 9081), "prefill": (50061, 9061),
-                 "decode": (50071, 9071)}
+                 "decode": (50071, 9071), "worker": (50091, 9091)}
 KVSTORE_DATA_PORT = 50082
 
 
@@ -228,9 +228,18 @@ def torch_threads_per_worker(workers: int, cores: int | None = None) -> int:
 
 def plan_local_cluster(model: str, served_model_name: str, *, gateway_host: str = "127.0.0.1",
                        gateway_port: int = 8000, prefill: int = 1, decode: int = 1, free_ports: bool = False,
-                       extra: dict[str, dict[str, object]] | None = None) -> ClusterPlan:
-    """Every process of a one-machine cluster, in start order (``extra``: more flags per role)."""
+                       extra: dict[str, dict[str, object]] | None = None, mode: str = "disagg",
+                       workers: int = 1) -> ClusterPlan:
+    """Every process of a one-machine cluster, in start order (``extra``: more flags per role).
+
+    ``mode``: "disagg" starts ``prefill`` prefill and ``decode`` decode workers; "agg" starts ``workers``
+    aggregated workers (prefill and decode in one engine) instead."""
+    if mode not in ("disagg", "agg"):
+        raise ValueError(f"unknown mode {mode!r}: choose 'disagg' or 'agg'")
     extra = extra or {}
+    counts = (("prefill", prefill), ("decode", decode)) if mode == "disagg" else (("worker", workers),)
+    if any(n < 1 for _, n in counts):
+        raise ValueError(f"{mode} needs at least one of each worker: got " + ", ".join(f"{r}={n}" for r, n in counts))
 
     def ports(role: str, i: int) -> tuple[int, int]:
         if free_ports:
@@ -252,8 +261,8 @@ def plan_local_cluster(model: str, served_model_name: str, *, gateway_host: str 
     model_flags = {"model": model, "served_model_name": served_model_name, "conductor_address": conductor}
     worker_flags = dict(model_flags)
     if "CRESCENT_TORCH_THREADS" not in os.environ:  # the workers share this machine's cores: no oversubscription
-        worker_flags["torch_threads"] = torch_threads_per_worker(prefill + decode)
-    for role, count in (("prefill", prefill), ("decode", decode)):
+        worker_flags["torch_threads"] = torch_threads_per_worker(sum(n for _, n in counts))
+    for role, count in counts:
         for i in range(count):
             port, metrics = ports(role, i)
             plan.append(proc(role, f"{role}-{i}", port, metrics, worker_flags))

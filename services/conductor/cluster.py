@@ -19,6 +19,7 @@ class Role(enum.IntEnum):
     PREFILL = 1
     DECODE = 2
     KVSTORE = 3
+    WORKER = 4  # aggregated: prefill and decode in one engine
 
 
 class Tier(enum.IntEnum):

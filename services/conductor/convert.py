@@ -18,8 +18,8 @@ from crescent.services.conductor.kv_index import KvEventKind
 def info_from_proto(msg: conductor_pb2.InstanceInfo) -> InstanceInfo:
     if not msg.instance_id:
         raise ValueError("instance.instance_id must be non-empty")
-    if msg.role not in (Role.PREFILL, Role.DECODE, Role.KVSTORE):
-        raise ValueError(f"instance.role must be PREFILL, DECODE or KVSTORE, got {msg.role}")
+    if msg.role not in tuple(Role):
+        raise ValueError(f"instance.role must be PREFILL, DECODE, KVSTORE or WORKER, got {msg.role}")
     if msg.role != Role.KVSTORE and msg.kv_block_size == 0:
         raise ValueError("instance.kv_block_size must be positive for a worker")
     return InstanceInfo(instance_id=msg.instance_id, role=Role(msg.role), address=msg.address,

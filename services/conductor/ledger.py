@@ -137,11 +137,11 @@ class Ledger:
             for e in self._inflight.values():
                 if e.placed_at < since:  # the heartbeat at `since` already counted it
                     continue
+                # an aggregated worker holds both halves of a request: it is one request in its engine
+                requests += instance_id in (e.prefill_id, e.decode_id)
                 if e.prefill_id == instance_id:
-                    requests += 1
                     prefill_tokens += e.new_prefill_tokens
                 if e.decode_id == instance_id:
-                    requests += 1
                     context += e.prompt_tokens
         return requests, prefill_tokens, context
 

@@ -1,7 +1,9 @@
 """Placement policies: pure functions of (cluster view, request) -> Placement, or Rejection when nothing can serve.
 
-The same functions run in the live conductor and in the simulator (bench/serving/sim.py). Early rejection by SLO
-is separate (rejection.py) so every policy can be combined with every rejection mode.
+The same functions run in the live conductor and in the simulator (bench/serving/sim.py). An aggregated worker
+(Role.WORKER) sits in both pools; when a policy picks one for prefill, decode goes to the same instance
+(``_placement``), so the prompt's KV stays in its engine and every policy stays one pick per pool. Early
+rejection by SLO is separate (rejection.py) so every policy can be combined with every rejection mode.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from crescent.services.conductor.cluster import InstanceState, Placement, Rejection, Request, Tier
+from crescent.services.conductor.cluster import InstanceState, Placement, Rejection, Request, Role, Tier
 from crescent.services.conductor.forecast import decode_at
 from crescent.services.conductor.view import ClusterView
 
@@ -108,8 +110,10 @@ def _no_instance(view: ClusterView) -> Rejection | None:
     return None
 
 
-def _placement(view: ClusterView, est: PrefillEstimate, decode: InstanceState, tbt: float, name: str,
-               remote: int = 0) -> Placement:
+def _placement(view: ClusterView, req: Request, est: PrefillEstimate, decode: InstanceState, tbt: float,
+               name: str, remote: int = 0) -> Placement:
+    if est.instance.info.role == Role.WORKER and decode.instance_id != est.instance.instance_id:
+        decode, tbt = est.instance, _decode_tbt(view, est.instance, req)  # both halves on one aggregated worker
     store = next((s for s in view.kvstore if s.instance_id == est.source), None) or (
         view.kvstore[0] if view.kvstore else None)
     return Placement(prefill=est.instance, decode=decode, kvstore=store, cached_blocks=est.cached_blocks,
@@ -124,7 +128,7 @@ def round_robin(view: ClusterView, req: Request) -> Placement | Rejection:
         return r
     prefill = view.prefill[view.seq % len(view.prefill)]
     decode = view.decode[view.seq % len(view.decode)]
-    return _placement(view, estimate_prefill(view, prefill, req, None), decode, _decode_tbt(view, decode, req),
+    return _placement(view, req, estimate_prefill(view, prefill, req, None), decode, _decode_tbt(view, decode, req),
                       "round_robin")
 
 
@@ -135,7 +139,7 @@ def least_loaded(view: ClusterView, req: Request) -> Placement | Rejection:
     prefill = min(view.prefill, key=lambda p: (view.cost.queue_time(p.queued_requests, p.queued_prefill_tokens),
                                                p.instance_id))
     decode, tbt = pick_decode(view, req)
-    return _placement(view, estimate_prefill(view, prefill, req, None), decode, tbt, "least_loaded")
+    return _placement(view, req, estimate_prefill(view, prefill, req, None), decode, tbt, "least_loaded")
 
 
 def cache_aware(view: ClusterView, req: Request) -> Placement | Rejection:
@@ -149,7 +153,7 @@ def cache_aware(view: ClusterView, req: Request) -> Placement | Rejection:
 
     prefill = min(view.prefill, key=key)
     decode, tbt = pick_decode(view, req)
-    return _placement(view, estimate_prefill(view, prefill, req, None), decode, tbt, "cache_aware")
+    return _placement(view, req, estimate_prefill(view, prefill, req, None), decode, tbt, "cache_aware")
 
 
 def mooncake(view: ClusterView, req: Request) -> Placement | Rejection:
@@ -174,7 +178,7 @@ def mooncake(view: ClusterView, req: Request) -> Placement | Rejection:
     est = min(estimates, key=lambda e: (e.ttft_s, e.instance.instance_id))
     decode, tbt = pick_decode_at_arrival(view, req, view.now + est.ttft_s)
     remote = est.cached_blocks - owns[est.instance.instance_id] if est.remote else 0
-    return _placement(view, est, decode, tbt, "mooncake", remote)
+    return _placement(view, req, est, decode, tbt, "mooncake", remote)
 
 
 POLICIES: dict[str, Policy] = {

@@ -79,14 +79,18 @@ class Conductor:
         self._lock = threading.Lock()
 
     def view(self, now: float, model_id: str = "", avoid: tuple[str, ...] = ()) -> ClusterView:
-        def live(role: Role) -> list[InstanceState]:
-            states = [s for s in self.registry.instances(role)
-                      if now - s.last_heartbeat <= self.suspect_after_s and s.instance_id not in avoid]
-            if model_id and role != Role.KVSTORE:
-                states = [s for s in states if s.info.model_id in ("", model_id)]
-            return add_reservations(states, self.ledger)
+        states = [s for s in self.registry.instances()
+                  if now - s.last_heartbeat <= self.suspect_after_s and s.instance_id not in avoid]
+        if model_id:
+            states = [s for s in states if s.info.role == Role.KVSTORE or s.info.model_id in ("", model_id)]
+        states = add_reservations(states, self.ledger)
 
-        return ClusterView(prefill=live(Role.PREFILL), decode=live(Role.DECODE), kvstore=live(Role.KVSTORE),
+        def live(*roles: Role) -> list[InstanceState]:
+            return [s for s in states if s.info.role in roles]
+
+        # An aggregated worker is in both pools: one state object, so a reservation made for it counts once.
+        return ClusterView(prefill=live(Role.PREFILL, Role.WORKER), decode=live(Role.DECODE, Role.WORKER),
+                           kvstore=live(Role.KVSTORE),
                            index=self.index, cost=self.cost, ledger=self.ledger, now=now, seq=self._seq,
                            kvcache_balancing_threshold=self.kvcache_balancing_threshold)
 

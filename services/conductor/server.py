@@ -86,7 +86,7 @@ class ConductorServicer(conductor_pb2_grpc.ConductorServicer):
     def _block_size(self, request) -> int:
         if request.block_size:
             return request.block_size
-        prefill = self.c.registry.instances(Role.PREFILL)
+        prefill = self.c.registry.instances(Role.PREFILL) or self.c.registry.instances(Role.WORKER)
         return prefill[0].info.kv_block_size if prefill else 16
 
     async def Place(self, request, context):
@@ -189,7 +189,7 @@ async def run(settings: ConductorSettings, stop: asyncio.Event, on_ready: Callab
               clock: Clock | None = None) -> None:
     clock = clock or WallClock()
     conductor = build_conductor(settings)
-    server = GrpcServer(settings.host, settings.port, SERVICE_NAME, settings.internal_token_value())
+    server = GrpcServer(settings.host, settings.port, SERVICE_NAME, internal_token=settings.internal_token_value())
     server.add(conductor_pb2_grpc.add_ConductorServicer_to_server, ConductorServicer(conductor, settings, clock))
     await server.start(serving=True)
     period = min(settings.heartbeat_interval_s, settings.heartbeat_timeout_s / 3)

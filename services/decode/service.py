@@ -21,6 +21,7 @@ from crescent.services.worker.service import WorkerRuntime, logprob_to_proto, sa
 
 log = logging.getLogger(__name__)
 
+_GENERATED_DECODE = m.WORKER_GENERATION_TOKENS.labels("decode")  # looked up once, not per chunk
 FINISH = {None: common_pb2.FINISH_REASON_UNSPECIFIED, "stop": common_pb2.FINISH_REASON_STOP,
           "length": common_pb2.FINISH_REASON_LENGTH, "abort": common_pb2.FINISH_REASON_ABORT}
 
@@ -67,21 +68,26 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         if reason is not None:
             return
         loaded, import_kv = await self._fetch_kv(engine, request, ids)
-        sent_ids, sent_text = 1, text
         rid = request.request_id or f"decode-{id(request)}"
+        # The engine's first output repeats the forced first token and its text (its detokenizer has the same
+        # state as ``detok`` above): skip what was sent. After that every output is a delta, sent as it is; the
+        # engine merges the steps a slow consumer fell behind on into one output, so one chunk carries them all.
+        skip_ids, skip_text = 1, len(text)
+        generated = _GENERATED_DECODE
         # import_kv admits the blocks in the same engine turn as the request, so no step can evict them in between.
         async for out in engine.generate(rid, ids, params, forced_output_ids=[first], import_kv=import_kv):
-            new_ids = out.token_ids[sent_ids:]
-            new_text = out.text[len(sent_text):] if out.text.startswith(sent_text) else ""
-            sent_ids, sent_text = len(out.token_ids), sent_text + new_text
+            new_ids, new_text, new_lp = out.new_token_ids, out.new_text, out.new_logprobs
+            if skip_ids:
+                new_ids, new_text, new_lp = new_ids[skip_ids:], new_text[skip_text:], new_lp and new_lp[skip_ids:]
+                skip_ids = 0
             if not new_ids and not new_text and not out.finished:
                 continue
             chunk = decode_pb2.GenerateChunk(token_ids=new_ids, text=new_text, finish_reason=FINISH[out.finish_reason],
                                              prompt_tokens=len(ids), completion_tokens=out.completion_tokens,
                                              loaded_tokens=loaded)
-            if out.new_logprobs and new_ids:
-                chunk.logprobs.extend(logprob_to_proto(lp) for lp in out.new_logprobs[-len(new_ids):])
-            m.WORKER_GENERATION_TOKENS.labels("decode").inc(len(new_ids))
+            if new_lp:
+                chunk.logprobs.extend(logprob_to_proto(lp) for lp in new_lp)
+            generated.inc(len(new_ids))
             yield chunk
 
     async def _fetch_kv(self, engine, request: decode_pb2.GenerateRequest, ids: list[int]):

@@ -83,7 +83,8 @@ class ClusterClient:
         return conductor_pb2_grpc.ConductorStub(self.pool.get(self.conductor_address))
 
     async def ready(self) -> tuple[bool, str]:
-        """Ready = the conductor answers and knows at least one prefill and one decode instance."""
+        """Ready = the conductor answers and knows at least one prefill and one decode instance (an aggregated
+        worker is both)."""
         try:
             reply = await self._conductor().ListInstances(conductor_pb2.ListInstancesRequest(),
                                                           timeout=self.rpc_timeout_s)
@@ -91,7 +92,7 @@ class ClusterClient:
             return False, f"conductor unreachable: {err.code().name}"
         roles = {s.instance.role for s in reply.instances}
         missing = [name for role, name in ((common_pb2.ROLE_PREFILL, "prefill"), (common_pb2.ROLE_DECODE, "decode"))
-                   if role not in roles]
+                   if not roles & {role, common_pb2.ROLE_WORKER}]
         return (not missing), ("no " + " and no ".join(missing) + " instance") if missing else "ready"
 
     async def place(self, sub: SubRequest, max_tokens: int) -> None:

@@ -83,7 +83,7 @@ class KvStoreHandle:
 
     async def _start_grpc(self) -> None:
         self.grpc = GrpcServer(self.settings.host, self.settings.port, SERVICE_NAME,
-                               self.settings.internal_token_value())
+                               internal_token=self.settings.internal_token_value())
         self.grpc.add(kvstore_pb2_grpc.add_KvStoreServicer_to_server, KvStoreServicer(self))
         await self.grpc.start(serving=False)  # health answers NOT_SERVING while the store loads
 

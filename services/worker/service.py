@@ -151,7 +151,7 @@ class WorkerRuntime:
                  engine.block_manager.num_blocks, engine.block_manager.block_size)
         if old is not None:
             # only decode receives requests pinned to a version (prefill's kv_model_id): prefill retires at once
-            grace_s = self.settings.reload_grace_s if self.role == common_pb2.ROLE_DECODE else 0.0
+            grace_s = self.settings.reload_grace_s if self.role != common_pb2.ROLE_PREFILL else 0.0
             self._retiring[old] = asyncio.create_task(
                 retire(self, old, f"{self.role_name} engine {old.engine.model_id}", self.settings.drain_timeout_s,
                        grace_s))
@@ -195,15 +195,20 @@ class WorkerRuntime:
                                           model_id=self.served_name, kv_block_size=s.kv_block_size)
 
 
-async def run_worker(runtime: WorkerRuntime, service_name: str,
-                     add_servicer: Callable[[object, grpc.aio.Server], None], servicer: object,
-                     stop: asyncio.Event, on_ready: Callable[[int], None] | None = None) -> None:
-    """Serve until ``stop`` is set; then drain."""
+Service = tuple[str, Callable[[object, grpc.aio.Server], None], object]
+"""(gRPC service name, its add_*_to_server function, the servicer)."""
+
+
+async def run_worker(runtime: WorkerRuntime, services: list[Service], stop: asyncio.Event,
+                     on_ready: Callable[[int], None] | None = None) -> None:
+    """Serve ``services`` (one, or Prefill and Decode on an aggregated worker) until ``stop`` is set; then
+    drain."""
     s = runtime.settings
     metrics_task: asyncio.Task | None = None
     watch_task: asyncio.Task | None = None
-    server = GrpcServer(s.host, s.port, service_name, s.internal_token_value())
-    server.add(add_servicer, servicer)
+    server = GrpcServer(s.host, s.port, *(name for name, _, _ in services), internal_token=s.internal_token_value())
+    for _, add_servicer, servicer in services:
+        server.add(add_servicer, servicer)
     await server.start(serving=False)
     try:
         await runtime.load()

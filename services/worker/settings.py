@@ -14,7 +14,7 @@ class WorkerServiceSettings(EngineSettings):
     """The engine's settings plus what a networked worker needs."""
 
     role: ClassVar[str] = ""
-    """prefill or decode: which service a process of these settings runs (set by the subclasses)."""
+    """prefill, decode or worker (both): which service a process of these settings runs (set by the subclasses)."""
 
     port: int = Field(0, description="gRPC port.", ge=0, le=65535)
     metrics_port: int = Field(0, description="Prometheus /metrics port; 0 = none.", ge=0, le=65535)
@@ -45,3 +45,13 @@ class DecodeSettings(WorkerServiceSettings):
     role: ClassVar[str] = "decode"
     port: int = Field(50071, description="gRPC port.", ge=0, le=65535)
     metrics_port: int = Field(9071, description="Prometheus /metrics port; 0 = none.", ge=0, le=65535)
+
+
+class WorkerSettings(WorkerServiceSettings):
+    """An aggregated worker: prefill and decode in one engine. It registers with the conductor as ROLE_WORKER
+    (placed for both halves of a request, so the prompt's KV stays in its engine) and still writes each prompt's
+    KV to the kvstore and reads prefixes from it."""
+
+    role: ClassVar[str] = "worker"
+    port: int = Field(50091, description="gRPC port (Prefill and Decode services).", ge=0, le=65535)
+    metrics_port: int = Field(9091, description="Prometheus /metrics port; 0 = none.", ge=0, le=65535)

@@ -27,18 +27,19 @@ def tiny_model(root: Path) -> Path:
 
 
 def launch(tmp: Path, *, decode: int = 1, conductor: dict | None = None, gateway: dict | None = None,
-           timeout_s: float = 180.0) -> tuple[ClusterPlan, ServiceGroup]:
+           timeout_s: float = 180.0, mode: str = "disagg", workers: int = 1) -> tuple[ClusterPlan, ServiceGroup]:
+    """``mode``: "disagg" (a prefill and ``decode`` decode workers) or "agg" (``workers`` aggregated workers)."""
     from crescent.services.common.launcher import free_port
 
     model = tiny_model(tmp)
-    extra = {"prefill": WORKER_FLAGS, "decode": WORKER_FLAGS,
+    extra = {"prefill": WORKER_FLAGS, "decode": WORKER_FLAGS, "worker": WORKER_FLAGS,
              "conductor": {"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 2.0, "rejection": "none",
                            **(conductor or {})},
              "kvstore": {"dram_capacity_bytes": 64 << 20, "ssd_capacity_bytes": 0, "data_dir": str(tmp / "ssd"),
                          "heartbeat_interval_s": 0.5},
              "gateway": {"ready_poll_s": 0.2, "request_timeout_s": 60, **(gateway or {})}}
     plan = plan_local_cluster(str(model), TINY_NAME, gateway_port=free_port(), decode=decode, free_ports=True,
-                              extra=extra)
+                              extra=extra, mode=mode, workers=workers)
     env = {"PYTHONPATH": str(REPO), "CRESCENT_LOG_LEVEL": "info"}
     env.update({k: "" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
     group = start_cluster(plan, tmp / "logs", env, timeout_s=timeout_s)

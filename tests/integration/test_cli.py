@@ -25,7 +25,7 @@ def test_usage_and_unknown_commands():
     assert cli.main(["serve", "nonsense"]) == 2
 
 
-@pytest.mark.parametrize("role", ["gateway", "conductor", "kvstore", "prefill", "decode"])
+@pytest.mark.parametrize("role", ["gateway", "conductor", "kvstore", "prefill", "decode", "worker"])
 def test_serve_help_lists_every_setting(role):
     settings_cls = cli.load(cli.ROLES[role][0])
     out = _run("serve", role, "--help")
@@ -57,6 +57,24 @@ def test_up_plan_uses_one_model_id_everywhere():
             assert p.argv[p.argv.index("--served-model-name") + 1] == "m"
             assert p.argv[p.argv.index("--conductor-address") + 1] == plan.conductor_address
     assert len({p.address for p in plan.processes}) == len(plan.processes)
+
+
+def test_up_plan_agg_starts_aggregated_workers_and_disagg_stays_the_default():
+    from crescent.services.common.launcher import plan_local_cluster
+
+    plan = plan_local_cluster("/models/m", "m", gateway_port=18000, mode="agg", workers=2, free_ports=True)
+    assert [p.role for p in plan.processes] == ["conductor", "kvstore", "worker", "worker", "gateway"]
+    worker = plan.processes[2]
+    assert worker.argv[worker.argv.index("serve") + 1] == "worker"
+    assert worker.argv[worker.argv.index("--conductor-address") + 1] == plan.conductor_address
+    fixed = plan_local_cluster("/models/m", "m", mode="agg")
+    assert fixed.processes[2].address == "127.0.0.1:50091"
+    assert "worker" not in [p.role for p in plan_local_cluster("/models/m", "m", free_ports=True).processes]
+    with pytest.raises(ValueError, match="at least one"):
+        plan_local_cluster("/models/m", "m", mode="agg", workers=0)
+    with pytest.raises(ValueError, match="mode"):
+        plan_local_cluster("/models/m", "m", mode="both")
+    assert cli._up_parser().parse_args([]).mode == "disagg"
 
 
 def _hf_cache_with(model_dir: Path, cache: Path, repo_id: str) -> Path:

@@ -13,6 +13,7 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_PREFILL: _ClassVar[Role]
     ROLE_DECODE: _ClassVar[Role]
     ROLE_KVSTORE: _ClassVar[Role]
+    ROLE_WORKER: _ClassVar[Role]
 
 class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -31,6 +32,7 @@ ROLE_UNSPECIFIED: Role
 ROLE_PREFILL: Role
 ROLE_DECODE: Role
 ROLE_KVSTORE: Role
+ROLE_WORKER: Role
 TIER_UNSPECIFIED: Tier
 TIER_DEVICE: Tier
 TIER_DRAM: Tier

@@ -155,3 +155,23 @@ def test_latest_stats_answers_during_a_long_step():
     finally:
         gate.set()
         aengine.shutdown()
+
+
+def test_a_consumer_that_falls_behind_gets_the_queued_steps_in_one_output(aengine):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    prompt = prompts(1, seed=4)[0]
+    expected = make_engine(tiny_model()).generate([prompt], params)[0]
+
+    async def main():
+        outs = []
+        async for out in aengine.generate("slow", prompt, params):
+            outs.append(out)
+            time.sleep(0.2)  # blocks the event loop, as a busy one would: the engine keeps stepping meanwhile
+        return outs
+
+    outs = asyncio.run(asyncio.wait_for(main(), 60))
+    assert [t for o in outs for t in o.new_token_ids] == expected.token_ids
+    assert sum(len(o.new_logprobs) for o in outs) == len(expected.token_ids)
+    assert len(outs) < len(expected.token_ids)  # steps were merged, none lost
+    assert outs[-1].finished and outs[-1].token_ids == expected.token_ids
+    assert not any(o.token_ids for o in outs[:-1])  # the whole output is built once, at the end

@@ -121,3 +121,25 @@ def test_every_policy_rejects_an_empty_cluster(name):
 def test_unknown_policy():
     with pytest.raises(ValueError, match="unknown policy 'best'"):
         get_policy("best")
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_keeps_both_halves_on_an_aggregated_worker(name):
+    workers = [inst("w0", Role.WORKER), inst("w1", Role.WORKER)]
+    for seq in range(4):
+        got = POLICIES[name](view(workers, workers, seq=seq), request(2))
+        assert got.decode is got.prefill, (seq, got.prefill.instance_id, got.decode.instance_id)
+
+
+def test_decode_follows_an_aggregated_prefill_even_where_another_worker_decodes_faster():
+    workers = [inst("w0", Role.WORKER, running=40, running_context_tokens=40_000),
+               inst("w1", Role.WORKER, waiting=3, queued_prefill_tokens=3000)]
+    got = least_loaded(view(workers, list(workers)), request(2))
+    assert (got.prefill.instance_id, got.decode.instance_id) == ("w0", "w0")
+    assert got.predicted_tbt_s > least_loaded(view(workers[1:], workers[1:]), request(2)).predicted_tbt_s
+
+
+def test_a_disaggregated_prefill_may_still_pair_with_any_decode():
+    p, d = [inst("p0", Role.PREFILL)], [inst("w0", Role.WORKER)]
+    got = least_loaded(view(p, d), request(2))
+    assert (got.prefill.instance_id, got.decode.instance_id) == ("p0", "w0")

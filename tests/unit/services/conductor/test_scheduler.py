@@ -61,3 +61,18 @@ def test_bad_requests_raise_clear_errors():
         c.place(Request("x", 20, 1, (1, 2), 16), clock.now())
     with pytest.raises(ValueError, match="unknown rejection mode"):
         Conductor(Registry(), KvIndex(), rejection="sometimes")
+
+
+def test_an_aggregated_worker_is_in_both_pools_and_reserved_once():
+    clock = FakeClock()
+    reg = Registry(heartbeat_timeout_s=3.0)
+    for iid in ("w0", "w1"):
+        reg.register(InstanceInfo(iid, Role.WORKER, kv_block_size=16), Load(), clock.now())
+    c = Conductor(reg, KvIndex(), cost=COST, policy="least_loaded", rejection="none")
+    v = c.view(clock.now())
+    assert [s.instance_id for s in v.prefill] == [s.instance_id for s in v.decode] == ["w0", "w1"]
+    picks = [c.place(request(4, rid=f"r{i}"), clock.now()) for i in range(4)]
+    assert all(p.prefill.instance_id == p.decode.instance_id for p in picks)
+    assert sorted(p.prefill.instance_id for p in picks) == ["w0", "w0", "w1", "w1"]
+    w0 = next(s for s in c.view(clock.now()).prefill if s.instance_id == "w0")
+    assert w0.reserved_requests == 2  # one reservation per request, though the worker holds both halves
