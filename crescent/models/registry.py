@@ -42,8 +42,8 @@ def resolve_model_path(name_or_path: str | Path, cache_dir: Path | None = None, 
     if not path.is_dir():
         cached = hf_cache_snapshot(str(name_or_path))
         if cached is None:
-            raise ModelLoadError(f"model {str(name_or_path)!r} is neither 'default', an existing model folder, nor "
-                                 "a Hugging Face model id in the local HF cache (crescent never downloads at run "
+            raise ModelLoadError(f"model {str(name_or_path)!r} is neither 'default' nor an existing model folder, "
+                                 "nor a Hugging Face model id in the local HF cache (crescent never downloads at run "
                                  "time: `huggingface-cli download ORG/NAME` first)")
         path = cached
     if (path / "config.json").is_file():

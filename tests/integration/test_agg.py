@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import time
 
-import grpc
 import openai
 import pytest
 
 from crescent.proto.v1 import common_pb2, conductor_pb2, conductor_pb2_grpc
+from crescent.services.common.auth import sync_channel
 from tests.integration.real_cluster import TINY_NAME, launch, logs_tail, scrape
 
 
@@ -40,7 +40,7 @@ def _chat(plan, text: str, **kw):
 
 def test_workers_register_as_aggregated(agg):
     plan, _ = agg
-    with grpc.insecure_channel(plan.conductor_address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+    with sync_channel(plan.conductor_address, plan.internal_token, [("grpc.enable_http_proxy", 0)]) as channel:
         reply = conductor_pb2_grpc.ConductorStub(channel).ListInstances(conductor_pb2.ListInstancesRequest(),
                                                                         timeout=10)
     roles = sorted(s.instance.role for s in reply.instances)
