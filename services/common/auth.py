@@ -9,6 +9,7 @@ The standard health service stays open (Kubernetes probes and ``crescent-healthc
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hmac
 import logging
@@ -74,18 +75,37 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
                                  f"with this cluster's internal_token (CRESCENT_INTERNAL_TOKEN)")
 
 
+_DRAIN_MESSAGES, _DRAIN_S = 16, 0.2  # what a refused streaming client may still send first
+
+
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same kind as ``handler`` that only aborts with UNAUTHENTICATED."""
 
     async def refuse(request_or_iterator, context: grpc.aio.ServicerContext):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
+    async def refuse_stream(request_iterator, context: grpc.aio.ServicerContext):
+        # Read what the client already sent (bounded: a few messages, a moment) before refusing: a refusal while the
+        # client is still writing can reach it as a reset (INTERNAL) instead of this status.
+        async def drain() -> None:
+            count = 0
+            async for _ in request_iterator:
+                count += 1
+                if count >= _DRAIN_MESSAGES:
+                    return
+
+        try:
+            await asyncio.wait_for(drain(), timeout=_DRAIN_S)
+        except (asyncio.TimeoutError, grpc.RpcError):
+            pass
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
     serde = {"request_deserializer": handler.request_deserializer,
              "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse, **serde)
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, **serde)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse, **serde)
+        return grpc.stream_unary_rpc_method_handler(refuse_stream, **serde)
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(refuse, **serde)
     return grpc.unary_unary_rpc_method_handler(refuse, **serde)
