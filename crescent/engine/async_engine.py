@@ -3,6 +3,9 @@
 The thread is the only one that touches the engine. Everything else reaches it through commands that run between
 steps (``call``), and results come back to each request's asyncio queue with ``call_soon_threadsafe``. When there
 is nothing to do the thread waits on a condition (no busy polling).
+
+It implements the engine interface (interface.py) with ``kv_handoff == "blocks"``: the worker services move KV
+blocks between this engine and the kvstore themselves.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+from crescent.engine.interface import KvHandoff, StepObserver, StoreParams
 from crescent.engine.llm_engine import LLMEngine
 from crescent.engine.outputs import EngineStats, RequestOutput
 from crescent.engine.sampling_params import SamplingParams
@@ -27,6 +31,8 @@ class EngineError(RuntimeError):
 
 
 class AsyncEngine:
+    kv_handoff: KvHandoff = "blocks"
+
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._cv = threading.Condition()
@@ -51,6 +57,37 @@ class AsyncEngine:
             self._thread = None
         for rid in list(self._streams):  # nobody will step these any more
             self._deliver(RequestOutput(rid, finished=True, finish_reason="abort", error="engine shut down"))
+
+    # --- the interface's fixed attributes (immutable in the engine: read without entering its thread) ---------------
+    @property
+    def model_id(self) -> str:
+        return self.engine.model_id
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return self.engine.eos_token_ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.config.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def kv_block_shape(self) -> tuple[int, ...]:
+        cfg = self.engine.config
+        return (cfg.num_hidden_layers, 2, self.engine.block_manager.block_size, cfg.num_key_value_heads,
+                cfg.head_dim)
+
+    @property
+    def kv_dtype(self) -> Any:
+        return self.engine.runner.dtype
 
     @property
     def running(self) -> bool:
@@ -145,9 +182,26 @@ class AsyncEngine:
         self._submit(command)
         return await future
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       **add_request_kwargs: Any) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; leaving the iterator early (or cancelling its task) aborts the request."""
+    def observe_steps(self, observer: StepObserver | None) -> None:
+        self.engine.step_observer = observer
+
+    async def abort(self, request_id: str) -> None:
+        if self.running:
+            self._submit(lambda: self.engine.abort_request(request_id))
+
+    async def cached_prefix_blocks(self, hashes: list[int]) -> int:
+        return await self.call(lambda e: e.cached_prefix_blocks(hashes))
+
+    async def take_held_blocks(self, request_id: str) -> tuple[list[int], list[Any]]:
+        try:
+            return await self.call(lambda e: e.export_request_blocks(request_id))
+        finally:
+            await self.call(lambda e: e.release(request_id))
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
+                       store: StoreParams | None = None, **add_request_kwargs: Any) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the iterator early (or cancelling its task) aborts the request.
+        ``store`` is ignored: this engine's KV moves through the services (``import_kv``, ``take_held_blocks``)."""
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already streaming")

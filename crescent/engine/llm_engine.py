@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 
 from crescent.engine.block_manager import BlockManager
 from crescent.engine.detokenizer import IncrementalDetokenizer
+from crescent.engine.interface import StepObserver
 from crescent.engine.model_runner import ModelRunner, kv_block_bytes
 from crescent.engine.outputs import EngineStats, RequestOutput
 from crescent.engine.sampler import Logprob, SampleRequest, sample
@@ -30,8 +30,6 @@ from crescent.engine.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
-StepObserver = Callable[[str, float, int, int], None]
-"""Called after each forward: (batch kind, seconds, prompt tokens computed, tokens sampled)."""
 
 
 @dataclass

@@ -29,6 +29,9 @@ class RequestOutput:
     """All output text: on the finished output only, like ``token_ids``."""
     error: str | None = None
     """Why the request failed, when a step raised."""
+    kv_transfer_params: dict | None = None
+    """On the finished output of an engine whose connector moved the KV (vLLM's ``CrescentConnector``): what it did,
+    e.g. ``{"loaded_tokens": n, "stored_blocks": k, "block_hashes": [...]}``."""
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         """This delta followed by ``later`` (of the same request) as one delta: a consumer that fell behind
@@ -39,7 +42,7 @@ class RequestOutput:
         return RequestOutput(
             self.request_id, self.new_token_ids + later.new_token_ids, self.new_text + later.new_text, lp,
             later.finished, later.finish_reason, later.prompt_tokens, later.completion_tokens, later.cached_tokens,
-            later.token_ids, later.text, later.error)
+            later.token_ids, later.text, later.error, later.kv_transfer_params)
 
 
 @dataclass

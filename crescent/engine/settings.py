@@ -59,3 +59,25 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
             return False
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class VllmEngineSettings(EngineSettings):
+    """The engine settings plus what vLLM's engine (crescent/engine/vllm_engine.py) reads. The shared fields keep
+    their meaning: dtype (auto resolves as for crescent's engine), kv_block_size (the store's and the prefix
+    hashes' block), max_model_len, max_num_seqs, max_num_batched_tokens, enable_prefix_caching."""
+
+    vllm_kv_cache_gib: float = Field(1.0, gt=0, description="vLLM on CPU: its KV cache size in GiB "
+                                                            "(VLLM_CPU_KVCACHE_SPACE); without it vLLM asks for most "
+                                                            "of the machine's memory.")
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM on CUDA: the share of GPU memory "
+                                                                            "it may use (weights + KV cache).")
+    vllm_block_size: int = Field(0, ge=0, description="vLLM's KV block size in tokens; 0 = kv_block_size, rounded "
+                                                      "up to a multiple of 32 on CPU (vLLM's CPU attention needs "
+                                                      "it). Store blocks stay kv_block_size tokens.")
+    vllm_enforce_eager: bool = Field(True, description="Run vLLM without torch.compile/CUDA graphs: on a small CPU "
+                                                       "it starts in about a minute instead of several; turn off on "
+                                                       "GPUs for speed.")
+    vllm_kv_connector: Literal["auto", "crescent", "none"] = Field(
+        "auto", description="How a vLLM worker moves KV to and from the kvstore: crescent = CrescentConnector "
+        "(services/worker/vllm_connector.py; start fails without it), auto = it when installed, none = KV stays in "
+        "the engine (a disaggregated decode recomputes the prompt).")

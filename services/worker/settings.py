@@ -3,19 +3,22 @@ differ only in their default ports and the role they register as)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from crescent.engine.settings import EngineSettings
+from crescent.engine.settings import VllmEngineSettings
 
 
-class WorkerServiceSettings(EngineSettings):
+class WorkerServiceSettings(VllmEngineSettings):
     """The engine's settings plus what a networked worker needs."""
 
     role: ClassVar[str] = ""
     """prefill, decode or worker (both): which service a process of these settings runs (set by the subclasses)."""
 
+    engine: Literal["crescent", "vllm"] = Field(
+        "crescent", description="The engine: crescent's own (MoBA models, hot reload, CPU and GPU) or vLLM's "
+        "AsyncLLM in-process (needs the vllm package: run the worker with .venv-vllm's python).")
     port: int = Field(0, description="gRPC port.", ge=0, le=65535)
     metrics_port: int = Field(0, description="Prometheus /metrics port; 0 = none.", ge=0, le=65535)
     conductor_address: str = Field("127.0.0.1:50051", description="The conductor's gRPC host:port; empty = none.")
