@@ -230,6 +230,11 @@ def build() -> Schema:
                     "tbtSeconds": {"type": "number", "exclusiveMinimum": 0, "description": "TBT SLO (s)."}},
                    "Service-level objectives.", required=("ttftSeconds", "tbtSeconds")),
         "model": model(),
+        "worker": obj({"engine": {"enum": ["crescent", "vllm"],
+                                  "description": "The prefill and decode workers' engine: crescent's own or vLLM's "
+                                                 "(AsyncLLM in-process; needs an image with vLLM: deploy/Dockerfile "
+                                                 "--target worker-vllm, set as prefill.image/decode.image)."}},
+                      "What the prefill and decode workers share."),
         **{role: component(role) for role in ROLES},
         "redis": obj({"enabled": {"type": "boolean"}, "image": image(), "port": PORT, "resources": resources(),
                       "nodeSelector": STRING_MAP, "tolerations": {"type": "array"}, "affinity": {"type": "object"}},

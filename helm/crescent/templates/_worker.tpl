@@ -11,6 +11,8 @@
 {{- $_ := set $base "CRESCENT_MODEL" (include "crescent.modelPath" $root) }}
 {{- with include "crescent.servedName" $root }}{{ $_ := set $base "CRESCENT_SERVED_MODEL_NAME" . }}{{ end }}
 {{- if gt (int $comp.gpus) 0 }}{{ $_ := set $base "CRESCENT_DEVICE" "cuda" }}{{ end }}
+{{- $engine := (($root.Values.worker | default dict).engine | default "crescent") }}
+{{- if ne $engine "crescent" }}{{ $_ := set $base "CRESCENT_ENGINE" $engine }}{{ end }}
 {{- /* Triton caches compiled kernels under $HOME by default: the root filesystem is read-only, /tmp is not. */}}
 {{- $_ := set $base "TRITON_CACHE_DIR" "/tmp/triton" }}
 {{- $_ := set $ctx "base" $base }}

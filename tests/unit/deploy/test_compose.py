@@ -172,3 +172,11 @@ def test_healthcheck_grpc(port):
         server.stop(0)
     assert healthcheck.main(["grpc", f"127.0.0.1:{port}"]) == 1
     assert healthcheck.main(["tcp", "x"]) == 2
+
+
+def test_vllm_profile_runs_an_aggregated_vllm_worker():
+    svc = compose()["services"]["worker-vllm"]
+    assert svc["profiles"] == ["vllm"] and svc["command"] == ["serve", "worker"]
+    assert svc["build"]["target"] == "worker-vllm" and svc["environment"]["CRESCENT_ENGINE"] == "vllm"
+    assert "FROM worker AS worker-vllm" in (DEPLOY / "Dockerfile").read_text()
+    assert svc["healthcheck"]["test"] == ["CMD", "crescent-healthcheck", "grpc", "127.0.0.1:50091"]

@@ -209,3 +209,15 @@ def test_bad_values_are_rejected_readably(values, error, message):
     with pytest.raises(error) as caught:
         examples.render(values)
     assert message in str(caught.value)
+
+
+def test_vllm_workers_render_with_the_engine_and_their_image():
+    docs = render_case("vllm-workers")
+    for role in ("prefill", "decode"):
+        workload = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith(role))
+        env = env_of(workload)
+        assert env["CRESCENT_ENGINE"] == "vllm" and env["CRESCENT_VLLM_KV_CACHE_GIB"] == "2"
+        assert container(workload)["image"].startswith("crescent-vllm:")
+    default = next(d for d in render_case("default") if d["kind"] == "Deployment"
+                   and d["metadata"]["name"].endswith("prefill"))
+    assert "CRESCENT_ENGINE" not in env_of(default)  # crescent's engine is the default
