@@ -58,6 +58,9 @@ class EngineStats:
     prefix_query_tokens: int
     prefix_hit_tokens: int
     preemptions: int
+    kv_connector: dict[str, int] = field(default_factory=dict)
+    """Totals of the engine's KV connector (vLLM's CrescentConnector: loads, loaded_tokens, saves, stored_blocks,
+    lookup_misses, ...); empty for an engine without one."""
 
     @property
     def kv_usage(self) -> float:

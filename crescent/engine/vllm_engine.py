@@ -55,6 +55,8 @@ class _Load:
     prefix_queries: int = 0
     prefix_hits: int = 0
     preemptions: int = 0
+    connector: dict[str, int] = field(default_factory=dict)
+    """CrescentConnector's counters, summed over the per-interval deltas vLLM hands the stat loggers."""
 
 
 def _stat_logger_factory(load: _Load):
@@ -73,6 +75,9 @@ def _stat_logger_factory(load: _Load):
                 load.kv_usage = scheduler_stats.kv_cache_usage
                 load.prefix_queries += scheduler_stats.prefix_cache_stats.queries
                 load.prefix_hits += scheduler_stats.prefix_cache_stats.hits
+                for name, delta in (scheduler_stats.kv_connector_stats or {}).items():
+                    if isinstance(delta, int | float):
+                        load.connector[name] = load.connector.get(name, 0) + int(delta)
             if iteration_stats is not None:
                 load.preemptions += getattr(iteration_stats, "num_preempted_reqs", 0)
 
@@ -109,6 +114,8 @@ def engine_args(settings: VllmEngineSettings, model_path: str, served_name: str,
     if connector is not None:
         args["kv_transfer_config"] = {"kv_connector": connector.name,
                                       "kv_connector_module_path": connector.module_path, "kv_role": "kv_both",
+                                      # a block evicted between lookup and load is recomputed, not a failed request
+                                      "kv_load_failure_policy": "recompute",
                                       "kv_connector_extra_config": dict(connector.extra_config)}
     return args
 
@@ -174,7 +181,7 @@ class VllmEngine:
             free_blocks=round(total * (1.0 - load.kv_usage)), total_blocks=total,
             queued_prefill_tokens=sum(self._prefilling.values()), running_context_tokens=sum(self._context.values()),
             prefix_query_tokens=load.prefix_queries, prefix_hit_tokens=load.prefix_hits,
-            preemptions=load.preemptions)
+            preemptions=load.preemptions, kv_connector=dict(load.connector))
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)

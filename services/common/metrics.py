@@ -78,6 +78,9 @@ WORKER_PREFIX_HITS = Counter("crescent_worker_prefix_cache_hits_total", "Prompt 
 WORKER_STORE_HITS = Counter("crescent_worker_kvstore_hit_tokens_total", "Prompt tokens whose KV was loaded from the store.",
                             ["role"])
 WORKER_PREEMPTIONS = Counter("crescent_worker_preemptions_total", "Requests preempted (recomputed later).", ["role"])
+WORKER_KV_CONNECTOR = Counter("crescent_worker_kv_connector_total", "What a vLLM worker's CrescentConnector did, by "
+                              "counter (loads, loaded_tokens, saves, stored_blocks, lookup_misses, ...).",
+                              ["role", "counter"])
 WORKER_PROMPT_TOKENS = Counter("crescent_worker_prompt_tokens_total", "Prompt tokens computed.", ["role"])
 WORKER_GENERATION_TOKENS = Counter("crescent_worker_generation_tokens_total", "Tokens generated.", ["role"])
 WORKER_STEP_SECONDS = Histogram("crescent_worker_step_seconds", "Engine step duration.", ["role", "kind"],

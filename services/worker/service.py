@@ -66,6 +66,7 @@ class WorkerRuntime:
         self.port = 0  # the bound gRPC port (set before load(): the instance id derives from it)
         self.link: ConductorLink | None = None
         self._seen = {"query": 0, "hit": 0, "preempt": 0}
+        self._seen_connector: dict[str, int] = {}
         self._kv: KvTransfer | None = None
         self._users: Counter = Counter()  # AsyncEngine -> requests holding it
         self._retiring: dict[Any, asyncio.Task] = {}  # replaced engines draining their requests
@@ -151,6 +152,7 @@ class WorkerRuntime:
         self.served_name = self.watcher.name if self.watcher is not None else engine.model_id
         self.version = self.watcher.version if self.watcher is not None else ""
         self._seen = dict.fromkeys(self._seen, 0)  # the new engine's counters start at zero
+        self._seen_connector = {}
         if old_version and old_version != self.version:
             with contextlib.suppress(KeyError):
                 m.WORKER_MODEL_VERSION.remove(self.role_name, old_version)
@@ -192,6 +194,10 @@ class WorkerRuntime:
                 counter.labels(role).inc(now - self._seen[key])
                 vllm_counter.labels(model).inc(now - self._seen[key])
                 self._seen[key] = now
+        for name, now in stats.kv_connector.items():
+            if now > self._seen_connector.get(name, 0):
+                m.WORKER_KV_CONNECTOR.labels(role, name).inc(now - self._seen_connector.get(name, 0))
+                self._seen_connector[name] = now
         return common_pb2.Load(waiting=stats.waiting, running=stats.running, free_kv_blocks=stats.free_blocks,
                                total_kv_blocks=stats.total_blocks, queued_prefill_tokens=stats.queued_prefill_tokens,
                                running_context_tokens=stats.running_context_tokens)

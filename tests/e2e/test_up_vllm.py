@@ -7,62 +7,39 @@ vLLM start-ups overlap. Skips when there is no Python with vLLM (`make vllm` mak
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import openai
 import pytest
 
-from crescent.services.common.launcher import free_port, http_ok, vllm_python
+from crescent.services.common.launcher import free_port, http_ok
+from tests.e2e.vllm_helpers import (
+    MAX_MODEL_LEN,
+    REPO,
+    assert_greedy_equal,
+    prompts,
+    reference_outputs,
+    start_reference,
+    tail,
+    vllm_python_or_skip,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 STARTUP_S = 300
-MAX_MODEL_LEN = 2048
-GREEDY_TOKENS = 12
-
-
-def _vllm_python() -> str:
-    try:
-        return vllm_python(os.environ.get("CRESCENT_VLLM_PYTHON", ""), (REPO,))
-    except ValueError as exc:
-        pytest.skip(f"no Python with vLLM: {exc}")
-
-
-def _prompts() -> list[list[int]]:
-    """Three prompts of about 120, 600 and 1400 tokens: stdlib source text through the served model's tokenizer."""
-    import json as json_module
-
-    from crescent.models.prepare import prepare_model
-    from crescent.models.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_dir(Path(prepare_model("default")))
-    ids = tok.encode(inspect.getsource(json_module.decoder) + inspect.getsource(json_module.encoder))
-    return [ids[:120], ids[1000:1600], ids[2000:3400]]
 
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
-    python = _vllm_python()
+    python = vllm_python_or_skip()
     tmp = tmp_path_factory.mktemp("up-vllm")
-    prompts = _prompts()
-    from crescent.models.prepare import prepare_model
-
-    spec = {"model": str(prepare_model("default")), "prompts": prompts, "max_tokens": GREEDY_TOKENS,
-            "engine": {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "block_size": 32,
-                       "enable_prefix_caching": True, "enforce_eager": True}}
-    (tmp / "ref-in.json").write_text(json.dumps(spec))
+    token_prompts = prompts([(0, 120), (1000, 1600), (2000, 3400)])
     env = {**os.environ, "PYTHONPATH": str(REPO), "CRESCENT_REJECTION": "none", "CRESCENT_DEVICE": "cpu",
            "CRESCENT_DTYPE": "float32", "CRESCENT_VLLM_KV_CACHE_GIB": "1",
            "CRESCENT_DATA_DIR": str(tmp / "kvstore"), "CRESCENT_VLLM_PYTHON": python}
-    reference = subprocess.Popen([python, str(REPO / "tests/e2e/vllm_reference.py"), str(tmp / "ref-in.json"),
-                                  str(tmp / "ref-out.json")], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                 stderr=open(tmp / "reference.log", "wb"), start_new_session=True)  # noqa: SIM115
+    reference = start_reference(python, tmp, token_prompts, env)  # overlaps with the cluster's start-up
     port = free_port()
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "crescent.cli", "up", "--engine", "vllm", "--mode", "agg",
@@ -78,10 +55,10 @@ def up(tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail(f"crescent up --engine vllm did not come up: {proc.stdout.read() if proc.stdout else ''}"
-                            f"\n{_tail(tmp / 'logs' / 'worker-0.log')}")
+                            f"\n{tail(tmp / 'logs' / 'worker-0.log')}")
             time.sleep(0.5)
         print(f"crescent up --engine vllm --mode agg healthy after {time.monotonic() - started:.0f} s")
-        yield {"url": url, "prompts": prompts, "reference": reference, "ref_out": tmp / "ref-out.json", "tmp": tmp}
+        yield {"url": url, "prompts": token_prompts, "reference": reference, "tmp": tmp}
     finally:
         for p in (proc, reference):
             if p.poll() is None:
@@ -93,10 +70,6 @@ def up(tmp_path_factory):
                 if p.poll() is None:
                     os.killpg(p.pid, signal.SIGKILL)
                     p.wait(timeout=10)
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.is_file() else f"({path} missing)"
 
 
 @pytest.fixture(scope="module")
@@ -155,17 +128,4 @@ def test_errors_are_openai_errors(client, model):
 
 
 def test_greedy_equals_vllm_llm_generate(up, client, model):
-    try:
-        up["reference"].wait(timeout=STARTUP_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the vllm.LLM reference did not finish in time")
-    assert up["reference"].returncode == 0, _tail(up["tmp"] / "reference.log")
-    reference = json.loads(up["ref_out"].read_text())
-    print(f"vllm.LLM (reference) built in {reference['load_s']:.0f} s")
-    for prompt, ref in zip(up["prompts"], reference["outputs"], strict=True):
-        reply = client.completions.create(model=model, prompt=prompt, max_tokens=GREEDY_TOKENS, temperature=0,
-                                          logprobs=0)
-        choice = reply.choices[0]
-        assert choice.text == ref["text"], f"prompt of {len(prompt)} tokens"
-        assert reply.usage.completion_tokens == len(ref["token_ids"])
-        assert len(choice.logprobs.tokens) == len(ref["token_ids"])
+    assert_greedy_equal(client, model, up["prompts"], reference_outputs(up["reference"], up["tmp"], STARTUP_S))

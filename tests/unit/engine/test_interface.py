@@ -84,7 +84,8 @@ def test_engine_args_follow_crescents_settings():
     assert args["dtype"] == "float32" and args["block_size"] == 32 and args["max_model_len"] == 2048
     assert args["enable_prefix_caching"] and args["enforce_eager"] and args["disable_log_stats"]
     assert args["kv_transfer_config"] == {"kv_connector": "C", "kv_connector_module_path": "mod.path",
-                                          "kv_role": "kv_both", "kv_connector_extra_config": {"block_size": 16}}
+                                          "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                                          "kv_connector_extra_config": {"block_size": 16}}
     assert "kv_transfer_config" not in engine_args(s, "/m", "m", None)
     assert vllm_block_size(s, on_cpu=False) == 16
     assert vllm_block_size(s.model_copy(update={"vllm_block_size": 128}), on_cpu=True) == 128
