@@ -86,6 +86,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         # import_kv admits the blocks in the same engine turn as the request, so no step can evict them in between.
         async for out in stream:
             if out.kv_transfer_params:  # the connector says what it loaded once the request is done
+                if out.kv_transfer_params.get("error"):
+                    log.warning("request %s: KV connector: %s", rid, out.kv_transfer_params["error"])
                 loaded = int(out.kv_transfer_params.get("loaded_tokens", loaded))
                 m.WORKER_STORE_HITS.labels("decode").inc(loaded)
             new_ids, new_text, new_lp = out.new_token_ids, out.new_text, out.new_logprobs

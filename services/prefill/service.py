@@ -89,6 +89,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         params_store = StoreParams(store[0], store[1], model_id, load=True, save=True) if use_store else None
         final = await _final(engine.generate(rid, ids, params, store=params_store), rid)
         report = final.kv_transfer_params or {}
+        if report.get("error"):  # the store is an optimisation: what failed was computed instead
+            log.warning("request %s: KV connector: %s", rid, report["error"])
         hashes = [int(h) for h in report.get("block_hashes", [])]
         if not use_store:
             hashes = prefix_block_hashes(ids, self.rt.settings.kv_block_size, model_id)
