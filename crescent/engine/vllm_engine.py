@@ -105,8 +105,6 @@ def engine_args(settings: VllmEngineSettings, model_path: str, served_name: str,
         "max_num_batched_tokens": settings.max_num_batched_tokens,
         "enable_prefix_caching": settings.enable_prefix_caching, "enforce_eager": settings.vllm_enforce_eager,
         "gpu_memory_utilization": settings.vllm_gpu_memory_utilization, "seed": 0,
-        # one device: its worker runs inside vLLM's engine-core process (no third process to spawn and import)
-        "distributed_executor_backend": "uni",
         "disable_log_stats": True,  # vLLM's Prometheus logger would register the vllm: names the worker exports
     }
     if settings.max_model_len:
