@@ -29,6 +29,8 @@ from tests.e2e.vllm_helpers import (
 )
 
 STARTUP_S = 300
+# vLLM's start-up on 2 shared cores is minutes (deploy/vllm/README.md); the first test's timeout counts the fixture
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,10 @@ from tests.e2e.vllm_helpers import (
 )
 from tests.integration.real_cluster import scrape
 
-pytestmark = pytest.mark.skipif(not connector_available(),
-                                reason=f"CrescentConnector ({CONNECTOR_MODULE}) is not in this tree yet: the "
-                                       "vLLM disaggregated path needs it (issue #16's connector half)")
+pytestmark = [pytest.mark.skipif(not connector_available(),
+                                 reason=f"CrescentConnector ({CONNECTOR_MODULE}) is not in this tree yet: the "
+                                        "vLLM disaggregated path needs it (issue #16's connector half)"),
+              pytest.mark.slow, pytest.mark.timeout(1200)]  # two vLLM workers start on 2 shared cores
 STARTUP_S = 420
 
 

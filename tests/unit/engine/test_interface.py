@@ -95,3 +95,30 @@ def test_store_params_are_the_connector_contract():
     params = StoreParams("127.0.0.1:1", "", "m", load=True).as_kv_transfer_params()
     assert params == {"kvstore_address": "127.0.0.1:1", "kvstore_transport": "tcp", "model_id": "m", "load": True,
                       "save": False}
+
+
+def _vllm_output(ids, text, finished=False, reason=None, logprobs=None, cached=0, kv=None):
+    """What vLLM's AsyncLLM yields in DELTA mode, reduced to the fields VllmEngine reads."""
+    completion = SimpleNamespace(token_ids=ids, text=text, logprobs=logprobs, finish_reason=reason)
+    return SimpleNamespace(outputs=[completion], finished=finished, num_cached_tokens=cached,
+                           kv_transfer_params=kv)
+
+
+def test_vllm_deltas_become_crescent_outputs_with_the_forced_token_first():
+    from crescent.engine.detokenizer import IncrementalDetokenizer
+    from crescent.engine.vllm_engine import _Stream
+    from tests.unit.engine.byte_tokenizer import ByteTokenizer
+
+    params = SamplingParams(temperature=0, max_tokens=8, stop=["xyz"], logprobs=1)
+    detok = IncrementalDetokenizer(ByteTokenizer(), list(b"ab"), params)
+    detok.add(ord("x"))  # prefill's first token: "x" could start the stop string, so its text is held back
+    stream = _Stream("r", 2, params, [ord("x")], detok)
+    lp = SimpleNamespace
+    first = stream.convert(_vllm_output([ord("y")], "y", logprobs=[{ord("y"): lp(logprob=-0.5, rank=1)}]))
+    assert first.new_token_ids == [ord("x"), ord("y")] and first.new_text == "xy" and not first.finished
+    assert math.isnan(first.new_logprobs[0][1]) and first.new_logprobs[1] == (ord("y"), -0.5, [(ord("y"), -0.5)])
+    last = stream.convert(_vllm_output([ord("!")], "!", True, "length", [{ord("!"): lp(logprob=-1.0, rank=1)}],
+                                       cached=32, kv={"loaded_tokens": 32}))
+    assert last.finished and last.finish_reason == "length" and last.completion_tokens == 3
+    assert last.token_ids == [ord("x"), ord("y"), ord("!")] and last.text == "xy!"
+    assert last.cached_tokens == 32 and last.kv_transfer_params == {"loaded_tokens": 32}
