@@ -29,13 +29,13 @@ SERVICE_NAME = "crescent.v1.Conductor"
 def build_conductor(settings: ConductorSettings) -> Conductor:
     cost = CostModel.load(settings.cost_model_path) if settings.cost_model_path else CostModel()
     if settings.redis_url:
-        import redis
+        from crescent.services.conductor.mirrored_state import mirrored_state
+        from crescent.services.conductor.redis_state import connect
 
-        from crescent.services.conductor.redis_state import RedisKvIndex, RedisRegistry
-
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        registry = RedisRegistry(client, settings.heartbeat_timeout_s, settings.redis_namespace)
-        index = RedisKvIndex(client, settings.redis_namespace)
+        client = connect(settings.redis_url, settings.redis_password.get_secret_value(), settings.redis_tls,
+                         settings.redis_tls_ca_file, settings.redis_tls_cert_file, settings.redis_tls_key_file)
+        registry, index, _ = mirrored_state(client, settings.heartbeat_timeout_s, settings.redis_namespace,
+                                            settings.redis_retry_s)
     else:
         registry, index = Registry(settings.heartbeat_timeout_s), KvIndex()
     slo = Slo(ttft_s=settings.ttft_slo_s, tbt_s=settings.tbt_slo_s,
