@@ -43,7 +43,7 @@ def build_conductor(settings: ConductorSettings) -> Conductor:
     return Conductor(registry=registry, index=index, cost=cost, policy=settings.policy,  # type: ignore[arg-type]
                      rejection=settings.rejection, slo=slo,
                      kvcache_balancing_threshold=settings.kvcache_balancing_threshold,
-                     suspect_after_s=settings.suspect_after_s)
+                     suspect_after_s=settings.suspect_after_s, stand_in=settings.stand_in)
 
 
 class ConductorServicer(conductor_pb2_grpc.ConductorServicer):
@@ -86,7 +86,8 @@ class ConductorServicer(conductor_pb2_grpc.ConductorServicer):
     def _block_size(self, request) -> int:
         if request.block_size:
             return request.block_size
-        prefill = self.c.registry.instances(Role.PREFILL) or self.c.registry.instances(Role.WORKER)
+        workers = [s for s in self.c.registry.instances() if s.info.role != Role.KVSTORE]
+        prefill = [s for s in workers if s.info.role in (Role.PREFILL, Role.WORKER)] or workers
         return prefill[0].info.kv_block_size if prefill else 16
 
     async def Place(self, request, context):

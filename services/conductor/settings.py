@@ -29,6 +29,9 @@ class ConductorSettings(CrescentSettings):
     suspect_after_s: float = Field(
         0.0, description="Instances silent this long get no new work (requests already placed go on) until they "
         "beat again or are dropped; 0 = 3 heartbeat intervals (at most half the timeout).", ge=0)
+    stand_in: bool = Field(
+        True, description="While a role has no live instance (a crash, a restart), place its work on the other "
+        "role's workers: every prefill and decode worker serves both services. Off: such requests get 503.")
     cost_model_path: str = Field("", description="Cost model JSON (from calibrate); empty = built-in defaults.")
     request_ttl_s: float = Field(1800.0, description="Forget an admitted request after this long without Finish.",
                                  gt=0)
