@@ -22,12 +22,13 @@ help: ## list the targets
 
 setup: system venv ## install system packages and the virtualenv (idempotent)
 
-system: ## apt packages: redis-server (conductor HA), libibverbs1 (Mooncake), docker-compose, prometheus (promtool)
+system: ## apt packages: redis-server (conductor HA), libibverbs1 (Mooncake), docker-compose, prometheus (promtool), openssl (test CAs)
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	dpkg -s libibverbs1 >/dev/null 2>&1 || missing="$$missing libibverbs1"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \

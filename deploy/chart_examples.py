@@ -23,10 +23,10 @@ ALERTS_SOURCE = CHART_DIR / "files" / "alerts.yml"
 ALERTS_DEFAULT = DEPLOY_DIR / "prometheus" / "alerts.yml"
 # The SLO placeholders of files/alerts.yml -> the chart value each stands for (the template does the same).
 SLO_TOKENS = {"__TTFT_SLO_S__": "ttftSeconds", "__TBT_SLO_S__": "tbtSeconds"}
-# The generated internal token is random on every render: examples show a placeholder (not valid base64, so an
+# The generated internal token and Redis password are random on every render: examples show a placeholder (not valid base64, so an
 # example applied as is fails loudly instead of running with a published token).
 GENERATED_SECRET = re.compile(r"^(data:\n  \S+: )\S+$", re.MULTILINE)
-GENERATED_SECRET_TEMPLATE = "internal-token-secret.yaml"
+GENERATED_SECRET_TEMPLATES = ("internal-token-secret.yaml", "redis-secret.yaml")
 RELEASE = "crescent"
 NAMESPACE = "serving"
 SUFFIX = "-values.yaml"
@@ -64,7 +64,7 @@ def example_text(rendered: dict[str, str]) -> str:
         text = rendered[path].strip()
         if path.endswith("NOTES.txt") or not text:
             continue
-        if path.endswith(GENERATED_SECRET_TEMPLATE):
+        if path.endswith(GENERATED_SECRET_TEMPLATES):
             text = GENERATED_SECRET.sub(r"\1<random, generated at install>", text)
         parts.append(f"---\n# Source: {path}\n{text}\n")
     return "".join(parts)

@@ -155,6 +155,13 @@ def component(role: str) -> Schema:
         props["redisUrl"] = string("An existing Redis for shared state.", pattern="^(|rediss?://.+)$")
         props["redisUrlSecret"] = obj({"name": string("Secret name (empty: unused)."),
                                        "key": string("Key holding the URL.", minLength=1)})
+        props["redisPasswordSecret"] = obj({"name": string("Secret holding an existing Redis' password (empty: "
+                                                           "none, or the URL's)."),
+                                            "key": string("Key holding the password.", minLength=1)})
+        props["redisTls"] = obj({"enabled": {"type": "boolean", "description": "TLS to an existing Redis."},
+                                 "caSecret": string("Secret whose ca.crt signed the Redis server's certificate "
+                                                    "(empty: the image's system CAs).")},
+                                "TLS to an existing Redis.")
     if role in ("prefill", "decode"):
         props["gpus"] = integer("GPUs per pod (nvidia.com/gpu); > 0 also sets device=cuda.")
         props["image"] = image()
@@ -237,6 +244,11 @@ def build() -> Schema:
                       "What the prefill and decode workers share."),
         **{role: component(role) for role in ROLES},
         "redis": obj({"enabled": {"type": "boolean"}, "image": image(), "port": PORT, "resources": resources(),
+                      "auth": obj({"enabled": {"type": "boolean", "description": "Require a password (AUTH)."},
+                                   "existingSecret": string("A Secret holding the password; empty: the chart "
+                                                            "creates one (random, reused on upgrades)."),
+                                   "key": string("Key holding the password.", minLength=1)},
+                                  "The bundled Redis' password."),
                       "nodeSelector": STRING_MAP, "tolerations": {"type": "array"}, "affinity": {"type": "object"}},
                      "A bundled Redis for several conductor replicas."),
         "metrics": obj({

@@ -65,6 +65,11 @@ CONDUCTOR_PREDICTED_TTFT = Histogram("crescent_conductor_predicted_ttft_seconds"
 CONDUCTOR_PREFIX_BLOCKS = Counter("crescent_conductor_prefix_blocks_total",
                                   "Prompt blocks seen at placement, and those reusable by the chosen instance.",
                                   ["kind"])  # kind: query, hit
+CONDUCTOR_REDIS_UP = Gauge("crescent_conductor_redis_up",
+                           "1 while the shared-state Redis answers, 0 while this replica serves from its own copy "
+                           "(absent without Redis).")
+CONDUCTOR_REDIS_RESYNCS = Counter("crescent_conductor_redis_resyncs_total",
+                                  "Times this replica wrote its state back to Redis (Redis came back or lost it).")
 CONDUCTOR_INDEXED_BLOCKS = Gauge("crescent_conductor_indexed_blocks", "Blocks in the KV index by tier.", ["tier"])
 
 # --- workers (prefill and decode share the engine) -------------------------------------------------------------

@@ -68,6 +68,11 @@ class KvIndex:
         with self._lock:
             self._blocks.pop(instance_id, None)
 
+    def snapshot(self) -> dict[str, dict[int, Tier]]:
+        """A copy of every instance's blocks (written back to Redis after it comes back)."""
+        with self._lock:
+            return {i: dict(blocks) for i, blocks in self._blocks.items()}
+
     def count_by_tier(self) -> dict[Tier, int]:
         with self._lock:
             counts = {t: 0 for t in Tier}

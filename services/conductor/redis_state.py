@@ -48,6 +48,20 @@ return 0
 """
 
 
+def connect(url: str, password: str = "", tls: bool = False, ca_file: str = "", cert_file: str = "",
+            key_file: str = "", timeout_s: float = 2.0) -> redis.Redis:
+    """A client for ``url`` with an optional password and TLS (server verified against ``ca_file``, or the system's
+    CAs; a client certificate when the server asks for one). Nothing is sent until the first command."""
+    kwargs: dict = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if password:
+        kwargs["password"] = password
+    if tls or url.startswith("rediss://"):
+        kwargs.update(ssl_cert_reqs="required", ssl_ca_certs=ca_file or None,
+                      ssl_certfile=cert_file or None, ssl_keyfile=key_file or None)
+        url = "rediss://" + url.split("://", 1)[1]
+    return redis.Redis.from_url(url, **kwargs)
+
+
 def _state_to_json(state: InstanceState) -> str:
     info = asdict(state.info)
     info["role"] = int(state.info.role)
@@ -81,6 +95,10 @@ class RedisRegistry:
             old = _state_from_json(holder)
             raise InstanceIdTaken(takeover_refusal(old, info, now, self.heartbeat_timeout_s)
                                   or f"instance id {info.instance_id!r} is held by a live instance at {old.info.address}")
+
+    def put(self, state: InstanceState) -> None:
+        """Write an instance's state as is (a replica's write-back after Redis lost it)."""
+        self.r.hset(self.key, state.instance_id, _state_to_json(state))
 
     def heartbeat(self, instance_id: str, load: Load, now: float) -> bool:
         raw = self.r.hget(self.key, instance_id)

@@ -48,6 +48,16 @@ class Registry:
                 raise InstanceIdTaken(why)
             self._instances[info.instance_id] = InstanceState(info=info, load=load, last_heartbeat=now)
 
+    def put(self, state: InstanceState) -> None:
+        """Set an instance's state as is (a mirror of what Redis decided: no takeover check)."""
+        with self._lock:
+            self._instances[state.instance_id] = copy.deepcopy(state)
+
+    def replace_all(self, states: list[InstanceState]) -> None:
+        """Become a copy of ``states`` (the mirror of Redis after a read)."""
+        with self._lock:
+            self._instances = {s.instance_id: copy.deepcopy(s) for s in states}
+
     def heartbeat(self, instance_id: str, load: Load, now: float) -> bool:
         """Record a heartbeat; False when the instance is unknown (dropped: it must register again)."""
         with self._lock:

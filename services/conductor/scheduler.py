@@ -70,6 +70,8 @@ class Conductor:
     kvcache_balancing_threshold: float = 2.0
     suspect_after_s: float = math.inf
     """An instance silent this long is left out of placements (not dropped: its requests go on)."""
+    stand_in: bool = True
+    """While no prefill (decode) instance is live, place prefills (decodes) on the other role's workers."""
 
     def __post_init__(self) -> None:
         get_policy(self.policy)  # fail at start-up, not on the first request
@@ -89,7 +91,10 @@ class Conductor:
             return [s for s in states if s.info.role in roles]
 
         # An aggregated worker is in both pools: one state object, so a reservation made for it counts once.
-        return ClusterView(prefill=live(Role.PREFILL, Role.WORKER), decode=live(Role.DECODE, Role.WORKER),
+        prefill, decode = live(Role.PREFILL, Role.WORKER), live(Role.DECODE, Role.WORKER)
+        if self.stand_in:  # a role with no live instance borrows the other role's workers (they serve both)
+            prefill, decode = prefill or decode, decode or prefill
+        return ClusterView(prefill=prefill, decode=decode,
                            kvstore=live(Role.KVSTORE),
                            index=self.index, cost=self.cost, ledger=self.ledger, now=now, seq=self._seq,
                            kvcache_balancing_threshold=self.kvcache_balancing_threshold)

@@ -29,13 +29,13 @@ SERVICE_NAME = "crescent.v1.Conductor"
 def build_conductor(settings: ConductorSettings) -> Conductor:
     cost = CostModel.load(settings.cost_model_path) if settings.cost_model_path else CostModel()
     if settings.redis_url:
-        import redis
+        from crescent.services.conductor.mirrored_state import mirrored_state
+        from crescent.services.conductor.redis_state import connect
 
-        from crescent.services.conductor.redis_state import RedisKvIndex, RedisRegistry
-
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        registry = RedisRegistry(client, settings.heartbeat_timeout_s, settings.redis_namespace)
-        index = RedisKvIndex(client, settings.redis_namespace)
+        client = connect(settings.redis_url, settings.redis_password.get_secret_value(), settings.redis_tls,
+                         settings.redis_tls_ca_file, settings.redis_tls_cert_file, settings.redis_tls_key_file)
+        registry, index, _ = mirrored_state(client, settings.heartbeat_timeout_s, settings.redis_namespace,
+                                            settings.redis_retry_s)
     else:
         registry, index = Registry(settings.heartbeat_timeout_s), KvIndex()
     slo = Slo(ttft_s=settings.ttft_slo_s, tbt_s=settings.tbt_slo_s,
@@ -43,7 +43,7 @@ def build_conductor(settings: ConductorSettings) -> Conductor:
     return Conductor(registry=registry, index=index, cost=cost, policy=settings.policy,  # type: ignore[arg-type]
                      rejection=settings.rejection, slo=slo,
                      kvcache_balancing_threshold=settings.kvcache_balancing_threshold,
-                     suspect_after_s=settings.suspect_after_s)
+                     suspect_after_s=settings.suspect_after_s, stand_in=settings.stand_in)
 
 
 class ConductorServicer(conductor_pb2_grpc.ConductorServicer):
@@ -86,7 +86,8 @@ class ConductorServicer(conductor_pb2_grpc.ConductorServicer):
     def _block_size(self, request) -> int:
         if request.block_size:
             return request.block_size
-        prefill = self.c.registry.instances(Role.PREFILL) or self.c.registry.instances(Role.WORKER)
+        workers = [s for s in self.c.registry.instances() if s.info.role != Role.KVSTORE]
+        prefill = [s for s in workers if s.info.role in (Role.PREFILL, Role.WORKER)] or workers
         return prefill[0].info.kv_block_size if prefill else 16
 
     async def Place(self, request, context):

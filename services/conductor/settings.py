@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from crescent.services.conductor.policies import get_policy
 from crescent.services.conductor.rejection import REJECTION_MODES
@@ -27,11 +29,26 @@ class ConductorSettings(CrescentSettings):
     suspect_after_s: float = Field(
         0.0, description="Instances silent this long get no new work (requests already placed go on) until they "
         "beat again or are dropped; 0 = 3 heartbeat intervals (at most half the timeout).", ge=0)
+    stand_in: bool = Field(
+        True, description="While a role has no live instance (a crash, a restart), place its work on the other "
+        "role's workers: every prefill and decode worker serves both services. Off: such requests get 503.")
     cost_model_path: str = Field("", description="Cost model JSON (from calibrate); empty = built-in defaults.")
     request_ttl_s: float = Field(1800.0, description="Forget an admitted request after this long without Finish.",
                                  gt=0)
     redis_url: str = Field("", description="redis://host:port/db to share state between replicas; empty = memory.")
     redis_namespace: str = Field("crescent", description="Key prefix in Redis (one per cluster).")
+    redis_password: SecretStr = Field(
+        SecretStr(""), description="Redis AUTH password (overrides one in redis_url). Prefer the env var or "
+        "redis_password_file: a flag shows in the process list.")
+    redis_password_file: str = Field("", description="A file holding redis_password (a mounted Kubernetes Secret).")
+    redis_tls: bool = Field(False, description="Connect to Redis over TLS (as a rediss:// URL does).")
+    redis_tls_ca_file: str = Field("", description="CA bundle that signed the Redis server's certificate; empty = "
+                                   "the system's CAs.")
+    redis_tls_cert_file: str = Field("", description="Client certificate, when Redis requires one (tls-auth-clients).")
+    redis_tls_key_file: str = Field("", description="The client certificate's private key.")
+    redis_retry_s: float = Field(
+        1.0, description="While Redis does not answer, the conductor serves from its own copy of the state and "
+        "probes Redis this often; when it answers again, the copy is written back.", gt=0)
     kvcache_balancing_threshold: float = Field(
         2.0, description="mooncake: fetch another instance's prefix when it is this many times longer.", gt=1)
 
@@ -42,6 +59,23 @@ class ConductorSettings(CrescentSettings):
         if self.suspect_after_s >= self.heartbeat_timeout_s:
             raise ValueError(f"suspect_after_s ({self.suspect_after_s}) must be below heartbeat_timeout_s "
                              f"({self.heartbeat_timeout_s}): raise the timeout or lower suspect_after_s")
+        return self
+
+    @model_validator(mode="after")
+    def _redis_secrets(self) -> ConductorSettings:
+        if self.redis_password_file:
+            if self.redis_password.get_secret_value():
+                raise ValueError("set redis_password or redis_password_file, not both")
+            try:
+                self.redis_password = SecretStr(Path(self.redis_password_file).read_text().strip())
+            except OSError as exc:
+                raise ValueError(f"redis_password_file {self.redis_password_file}: {exc.strerror}") from None
+        if bool(self.redis_tls_cert_file) != bool(self.redis_tls_key_file):
+            raise ValueError("redis_tls_cert_file and redis_tls_key_file go together")
+        for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"{name}: no such file {path}")
         return self
 
     @field_validator("policy")

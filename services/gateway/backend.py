@@ -84,13 +84,15 @@ class ClusterClient:
 
     async def ready(self) -> tuple[bool, str]:
         """Ready = the conductor answers and knows at least one prefill and one decode instance (an aggregated
-        worker is both)."""
+        worker is both; so is a prefill or decode worker standing in while the other role has none)."""
         try:
             reply = await self._conductor().ListInstances(conductor_pb2.ListInstancesRequest(),
                                                           timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as err:
             return False, f"conductor unreachable: {err.code().name}"
         roles = {s.instance.role for s in reply.instances}
+        if roles & {common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE}:  # stand-ins: each serves both services
+            roles.add(common_pb2.ROLE_WORKER)
         missing = [name for role, name in ((common_pb2.ROLE_PREFILL, "prefill"), (common_pb2.ROLE_DECODE, "decode"))
                    if not roles & {role, common_pb2.ROLE_WORKER}]
         return (not missing), ("no " + " and no ".join(missing) + " instance") if missing else "ready"
@@ -138,6 +140,12 @@ class ClusterClient:
         except grpc.aio.AioRpcError as err:
             raise _worker_error("prefill", place.prefill.instance_id, err) from err
         sub.reused_tokens = first.cached_tokens + first.loaded_tokens
+        if len(first.block_hashes) < len(sub.block_hashes) and place.decode.instance_id != place.prefill.instance_id:
+            # The prompt's KV did not reach the store (no store, a store that died or is full): decode where the KV
+            # is, on the prefill worker (every worker serves both services), instead of computing the prompt again.
+            log.info("%s: %d of %d prompt blocks in the store; decoding on prefill %s", sub.request_id,
+                     len(first.block_hashes), len(sub.block_hashes), place.prefill.instance_id)
+            place.decode.CopyFrom(place.prefill)
         decode = decode_pb2_grpc.DecodeStub(self.pool.get(place.decode.address))
         request = decode_pb2.GenerateRequest(
             request_id=sub.request_id, model_id=sub.model_id, prompt_token_ids=sub.prompt_ids,

@@ -28,9 +28,11 @@ class RoleSpec(NamedTuple):
     services: tuple[ServiceSpec, ...]
 
 
+# A prefill or decode worker also serves the other role's service: the conductor sends it that work only while the
+# other role has no live instance (a crash, a restart, a rollout), so one dead process never stops the cluster.
 ROLES: dict[str, RoleSpec] = {
-    "prefill": RoleSpec(common_pb2.ROLE_PREFILL, (PREFILL,)),
-    "decode": RoleSpec(common_pb2.ROLE_DECODE, (DECODE,)),
+    "prefill": RoleSpec(common_pb2.ROLE_PREFILL, (PREFILL, DECODE)),
+    "decode": RoleSpec(common_pb2.ROLE_DECODE, (DECODE, PREFILL)),
     # aggregated: both services on one runtime, so a request's decode finds its prompt's KV in the same engine
     "worker": RoleSpec(common_pb2.ROLE_WORKER, (PREFILL, DECODE)),
 }

@@ -136,6 +136,20 @@ def _stream_outcome(client, model: str) -> tuple[str, str]:
         return "error", ""
 
 
+def _first_success(client, model: str, deadline: float) -> float:
+    """When a short chat first succeeds (retrying every 0.5 s until ``deadline``)."""
+    while True:
+        try:
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4, temperature=0,
+                timeout=20)
+            assert reply.choices[0].message.content is not None
+            return time.monotonic()
+        except openai.APIError as exc:
+            assert time.monotonic() < deadline, f"no request served before the deadline: {exc}"
+            time.sleep(0.5)
+
+
 @pytest.mark.parametrize("role", ["decode", "prefill", "kvstore", "conductor"])
 def test_kill_9_of_any_service_under_crescent_up(gateway_url, role):
     """Streams in flight end cleanly (complete, or an error event) and the cluster serves again after a kill -9:
@@ -148,27 +162,22 @@ def test_kill_9_of_any_service_under_crescent_up(gateway_url, role):
                                                temperature=0).choices[0].message.content
     pids = _children(_UP["pid"])
     assert role in pids, pids
-    with cf.ThreadPoolExecutor(4) as pool:
+    with cf.ThreadPoolExecutor(5) as pool:
         futures = [pool.submit(_stream_outcome, client, model) for _ in range(4)]
         time.sleep(1.5)  # the streams are placed and decoding
         os.kill(pids[role], signal.SIGKILL)
+        killed_at = time.monotonic()
+        probe = pool.submit(_first_success, client, model, killed_at + 90)  # a new request, sent at once
         outcomes = [f.result(timeout=240) for f in futures]
-    # every stream continues to the end (a dead prefill or decode worker's streams resume on the restarted one)
-    # with the undisturbed greedy text
+        recovered_s = probe.result(timeout=120) - killed_at
+    # every stream continues to the end (a dead prefill or decode worker's streams resume on a live worker: the
+    # other role's stands in until the restarted one registers) with the undisturbed greedy text
     assert [o for o, _ in outcomes] == ["done"] * 4, outcomes
     assert all(text == reference for _, text in outcomes), (reference, outcomes)
-    killed_at = time.monotonic()
-    deadline = killed_at + 90
-    while True:
-        try:
-            reply = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4, temperature=0,
-                timeout=20)
-            break
-        except openai.APIError as exc:
-            assert time.monotonic() < deadline, f"no request served within 90s of killing {role}: {exc}"
-            time.sleep(0.5)
-    recovered_s = time.monotonic() - killed_at
-    assert reply.choices[0].message.content is not None
-    assert _children(_UP["pid"])[role] != pids[role]  # a new process serves the role
+    # the issue's bound: a new request is served within 10 s of the kill
+    assert recovered_s < 10.0, f"first new request served {recovered_s:.1f}s after killing {role}"
+    wait_for = time.monotonic() + 60
+    while _children(_UP["pid"]).get(role) in (None, pids[role]):  # a new process serves the role
+        assert time.monotonic() < wait_for, f"crescent up did not restart {role}"
+        time.sleep(0.5)
     print(f"{role}: recovered in {recovered_s:.1f}s; streams {[o for o, _ in outcomes]}")

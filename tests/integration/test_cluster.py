@@ -254,3 +254,20 @@ def test_decode_crash_is_dropped_and_traffic_continues(client, cluster):
     for i in range(10):
         reply = _chat(client, f"Request number {i}", max_tokens=3)
         assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_without_its_store_a_prompt_is_decoded_where_its_kv_is(client, cluster):
+    """The kvstore dies (kill -9; nothing restarts it here): prefill cannot store the prompt's KV, so the gateway
+    sends the decode to the prefill worker, which holds that KV, instead of having a decode worker compute the prompt
+    again. Runs last in this module: the cluster has no store afterwards."""
+    plan, group, tmp = cluster
+    prefill = plan.metrics_urls("prefill")
+    decoded_on_prefill = scrape(prefill, "crescent_worker_generation_tokens_total", {"role": "decode"})
+    group.kill("kvstore")
+    long_prompt = "Tell me about the sea. " * 12  # several full blocks
+    for i in range(3):
+        reply = _chat(client, f"{long_prompt} ({i})", max_tokens=4, extra_body={"ignore_eos": True})
+        assert reply.choices[0].finish_reason == "length", logs_tail(tmp)
+    # prefill samples each first token; the 3 after it were decoded in the prefill worker's process too (its
+    # decode service counts them under role="decode")
+    assert scrape(prefill, "crescent_worker_generation_tokens_total", {"role": "decode"}) - decoded_on_prefill >= 9

@@ -67,7 +67,11 @@ def test_register_place_by_cache_finish_and_drop(conductor):
 
     wait_until(only_p0_left, timeout_s=5.0, what="silent instances to be dropped")
     assert not client.Heartbeat(conductor_pb2.HeartbeatRequest(instance_id="d0"), timeout=5).known
-    refused = _place(client, "r2", tokens)
+    # no decode instance is live: the prefill worker stands in for it (every worker serves both services)
+    stand_in = _place(client, "r2", tokens)
+    assert stand_in.accepted and (stand_in.prefill.instance_id, stand_in.decode.instance_id) == ("p0", "p0")
+    client.Deregister(conductor_pb2.DeregisterRequest(instance_id="p0"), timeout=5)
+    refused = _place(client, "r3", tokens)
     assert not refused.accepted and refused.reject_reason == "no_instance" and refused.retry_after_s > 0
 
 

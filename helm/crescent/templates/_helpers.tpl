@@ -90,6 +90,10 @@ app.kubernetes.io/part-of: crescent
 {{- default (printf "%s-internal-token" (include "crescent.fullname" .)) .Values.internalAuth.existingSecret }}
 {{- end }}
 
+{{- define "crescent.redisSecret" -}}
+{{- default (printf "%s-redis" (include "crescent.fullname" .)) .Values.redis.auth.existingSecret }}
+{{- end }}
+
 {{/* Env read from Secrets: the internal token (every crescent service) and the gateway's API key. Args: root, role. */}}
 {{- define "crescent.secretEnv" -}}
 {{- if .root.Values.internalAuth.enabled }}

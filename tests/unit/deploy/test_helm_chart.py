@@ -121,6 +121,25 @@ def test_multi_conductor_uses_bundled_redis():
     find(docs, "Deployment", "redis")
     assert find(docs, "Service", "redis")["spec"]["ports"][0]["port"] == 6379
     assert env_of(find(docs, "Deployment", "conductor"))["CRESCENT_REDIS_URL"] == "redis://crescent-redis:6379/0"
+    # the bundled Redis requires a password, from a Secret the chart makes; the conductors read the same Secret
+    secret = find(docs, "Secret", "redis")
+    assert secret["data"]["password"]
+    redis_container = find(docs, "Deployment", "redis")["spec"]["template"]["spec"]["containers"][0]
+    assert redis_container["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    assert redis_container["env"][0]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    conductor_env = find(docs, "Deployment", "conductor")["spec"]["template"]["spec"]["containers"][0]["env"]
+    password = next(e for e in conductor_env if e["name"] == "CRESCENT_REDIS_PASSWORD")
+    assert password["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "password"}
+
+
+def test_external_redis_takes_password_and_tls_from_secrets():
+    docs = render_case("pvc-model-external-redis")
+    pod = find(docs, "Deployment", "conductor")["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["CRESCENT_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "crescent-redis", "key": "password"}
+    assert env["CRESCENT_REDIS_TLS"]["value"] == "true"
+    assert env["CRESCENT_REDIS_TLS_CA_FILE"]["value"] == "/etc/crescent/redis-ca/ca.crt"
+    assert {"name": "redis-ca", "secret": {"secretName": "crescent-redis-ca"}} in pod["volumes"]
 
 
 def test_gpu_workers_request_gpus_and_cuda():

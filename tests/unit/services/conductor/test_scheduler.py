@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from crescent.services.conductor.cluster import FakeClock, InstanceInfo, Load, Placement, Request, Role, Slo
@@ -76,3 +78,16 @@ def test_an_aggregated_worker_is_in_both_pools_and_reserved_once():
     assert sorted(p.prefill.instance_id for p in picks) == ["w0", "w0", "w1", "w1"]
     w0 = next(s for s in c.view(clock.now()).prefill if s.instance_id == "w0")
     assert w0.reserved_requests == 2  # one reservation per request, though the worker holds both halves
+
+
+def test_a_role_with_no_live_instance_borrows_the_other_roles_workers():
+    c, clock = _conductor()
+    resumed = dataclasses.replace(request(4, rid="r0"), avoid=("d0",))  # a stream leaving a dead decode
+    placed = c.place(resumed, clock.now())
+    assert placed.decode.instance_id in ("p0", "p1")
+    c.registry.deregister("p0")
+    c.registry.deregister("p1")
+    placed = c.place(request(4, rid="r1"), clock.now())
+    assert (placed.prefill.instance_id, placed.decode.instance_id) == ("d0", "d0")
+    c.stand_in = False
+    assert c.place(request(4, rid="r2"), clock.now()).reason == "no_instance"
