@@ -40,7 +40,9 @@ def up(tmp_path_factory):
     token_prompts = prompts([(0, 120), (1000, 1600), (2000, 3400)])
     env = {**os.environ, "PYTHONPATH": str(REPO), "CRESCENT_REJECTION": "none", "CRESCENT_DEVICE": "cpu",
            "CRESCENT_DTYPE": "float32", "CRESCENT_VLLM_KV_CACHE_GIB": "1",
-           "CRESCENT_DATA_DIR": str(tmp / "kvstore"), "CRESCENT_VLLM_PYTHON": python}
+           "CRESCENT_DATA_DIR": str(tmp / "kvstore"), "CRESCENT_VLLM_PYTHON": python,
+           # the OpenAI surface of a vLLM worker; the store through CrescentConnector is test_up_vllm_disagg's
+           "CRESCENT_VLLM_KV_CONNECTOR": "none"}
     reference = start_reference(python, tmp, token_prompts, env)  # overlaps with the cluster's start-up
     port = free_port()
     started = time.monotonic()
