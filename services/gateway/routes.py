@@ -34,7 +34,7 @@ from crescent.services.gateway.schema import (
 )
 from crescent.services.gateway.settings import GatewaySettings
 from crescent.services.gateway.tokens import PromptEncoder
-from crescent.services.gateway.tools import plan_tools, template_messages
+from crescent.services.gateway.tools import auto_parser, plan_tools, template_messages
 from crescent.services.gateway.unsupported import check_supported
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -92,12 +92,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     _check_common(st, body)
     if body.top_logprobs is not None and not body.logprobs:  # else the client waits for logprobs that never come
         raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    plan = plan_tools(body)
-    if plan is not None and plan.calls and body.response_format is not None and body.response_format.type != "text":
+    encoder = st.encoder  # the model watch may swap it meanwhile: one request, one tokenizer
+    template = getattr(encoder.tokenizer, "chat_template", None)
+    plan = plan_tools(body, auto_parser(st.settings.tool_call_parser, template))
+    if plan is not None and plan.forced and body.response_format is not None and body.response_format.type != "text":
         raise ApiError(400, "response_format and a required or named tool_choice both constrain the output; "
                             "send one", param="response_format")
     requested = body.requested_max_tokens()
-    encoder = st.encoder  # the model watch may swap it meanwhile: one request, one tokenizer
     native = encoder.template_knows_tools
     messages = template_messages(body.messages, plan, native)
     tools = [{"type": "function", "function": t} for t in plan.tools] if plan is not None and native else None
