@@ -175,10 +175,10 @@ def template_messages(messages: list[ChatMessage], plan: ToolPlan | None, native
 
 
 def _tools_prompt(plan: ToolPlan) -> str:
-    lines = "\n".join(json.dumps(t, separators=(",", ":")) for t in plan.tools)
-    if plan.choice == "auto":
-        return HERMES_PROMPT.format(tools=lines)
-    return 'Functions you can call by answering {"name": <name>, "arguments": <object>}:\n' + lines
+    if plan.choice == "auto":  # json.dumps' own spacing, as Hermes prompts write tools (SmolLM2 follows it better)
+        return HERMES_PROMPT.format(tools="\n".join(json.dumps(t) for t in plan.tools))
+    return 'Functions you can call by answering {"name": <name>, "arguments": <object>}:\n' + \
+        "\n".join(json.dumps(t, separators=(",", ":")) for t in plan.tools)
 
 
 def _call_text(call: dict, hermes: bool) -> str:

@@ -98,7 +98,7 @@ def test_auto_asks_a_template_without_tools_for_hermes_calls_and_shows_earlier_c
     plan = ToolPlan([t["function"] for t in TOOLS], "auto", "hermes")
     msgs = template_messages(_history(), plan, native=False)
     assert "<tools>" in msgs[0]["content"] and "<tool_call>" in msgs[0]["content"]
-    assert '"name":"search"' in msgs[0]["content"]
+    assert '"name": "search"' in msgs[0]["content"]
     call = msgs[2]["content"]
     assert call.startswith("<tool_call>\n") and call.endswith("\n</tool_call>")
     assert json.loads(call.split("\n")[1]) == {"name": "search", "arguments": {"q": "x"}}
