@@ -194,7 +194,7 @@ async def _serve(st: GatewayState, request: Request, body: _SamplingFields, prom
                                  headers={"Cache-Control": "no-cache"})
     async for _ in run.deltas():  # errors are counted by the error handler
         pass
-    m.GATEWAY_REQUESTS.labels(endpoint=endpoint, outcome="ok").inc()
+    m.GATEWAY_REQUESTS.labels(model_name=st.model_id, endpoint=endpoint, outcome="ok").inc()
     result = envelope(renderer.object_full, response_id, st.model_id,
                       [renderer.full_choice(s) for s in run.states], created)
     result["usage"] = _usage(run, body.n)
@@ -232,4 +232,4 @@ async def _stream(run: Run, renderer, response_id: str, model: str, created: int
         yield sse.DONE
         outcome = "ok"
     finally:
-        m.GATEWAY_REQUESTS.labels(endpoint=endpoint, outcome=outcome).inc()
+        m.GATEWAY_REQUESTS.labels(model_name=model, endpoint=endpoint, outcome=outcome).inc()

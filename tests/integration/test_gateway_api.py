@@ -141,10 +141,25 @@ def test_client_disconnect_cancels_decode_and_finishes(base_url, fake_cluster):
     assert len(fake_cluster.finished) == before + 1 and not fake_cluster.finished[-1].ok
 
 
-def test_metrics_exposes_gateway_and_vllm_names(base_url):
+REQUEST_METRICS = ("crescent_gateway_requests_total", "crescent_gateway_prompt_tokens_total",
+                   "crescent_gateway_generation_tokens_total", "crescent_gateway_requests_in_flight",
+                   "crescent_gateway_time_to_first_token_seconds_count", "crescent_gateway_inter_token_latency_seconds_count",
+                   "crescent_gateway_e2e_request_latency_seconds_count", "vllm:time_to_first_token_seconds_count",
+                   "vllm:inter_token_latency_seconds_count", "vllm:e2e_request_latency_seconds_count")
+
+
+def test_every_request_metric_carries_the_served_model_name(client, base_url):
+    """Under the gateway's names and vLLM's, every request metric has model_name: the served model, never what a
+    client sent (a 404 for another name is counted under the served one: the label stays bounded)."""
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="someone-else", messages=[{"role": "user", "content": "hi"}])
     text = httpx.get(base_url + "/metrics", timeout=5).text
-    assert "crescent_gateway_time_to_first_token_seconds_count" in text
-    assert "vllm:time_to_first_token_seconds_count" in text
+    for name in REQUEST_METRICS:
+        samples = [line for line in text.splitlines() if line.startswith(name + "{")]
+        assert samples, name
+        assert all(f'model_name="{MODEL}"' in line for line in samples), samples
+    assert 'outcome="not_found"' in text and "someone-else" not in text
 
 
 def test_bad_token_ids_are_400(client):
