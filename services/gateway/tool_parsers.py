@@ -200,7 +200,7 @@ def _object_call(body: str, i: int, closed: bool) -> _CallView:
     name = None
     if "name" in fields and fields["name"][1] is not None:
         start, end = fields["name"]
-        name = json.loads(body[start:end])
+        name = _loads(body[start:end])
         if not isinstance(name, str):
             raise Malformed("a tool call's name is a string")
     span = fields.get("arguments") or fields.get("parameters")
@@ -211,18 +211,23 @@ def _object_call(body: str, i: int, closed: bool) -> _CallView:
     start, end = span
     raw = body[start:] if end is None else body[start:end]
     if raw.startswith('"'):  # arguments written as a JSON string: sent decoded, once whole
-        return _CallView(name, json.loads(raw) if end is not None else "")
+        args = _loads(raw) if end is not None else ""
+        return _CallView(name, args if isinstance(args, str) else raw)
     return _CallView(name, raw)
 
 
 def _check_whole(body: str, i: int) -> None:
     end = _value_end(body, i)
+    if end is None:
+        raise Malformed("the tool call is not a whole JSON object")
+    _loads(body[i:end])
+
+
+def _loads(text: str) -> object:
     try:
-        if end is None:
-            raise ValueError("unfinished")
-        json.loads(body[i:end])
-    except ValueError as exc:
-        raise Malformed(f"the tool call is not a whole JSON object: {exc}") from exc
+        return json.loads(text)
+    except ValueError as exc:  # also a bad escape inside a string the scanner took as whole
+        raise Malformed(f"not JSON: {exc}") from exc
 
 
 def _fields(body: str, i: int) -> dict[str, tuple[int, int | None]]:
@@ -236,7 +241,7 @@ def _fields(body: str, i: int) -> dict[str, tuple[int, int | None]]:
         key_end = _value_end(body, i)
         if key_end is None:
             return fields
-        key = json.loads(body[i:key_end])
+        key = _loads(body[i:key_end])
         i = _skip_ws(body, key_end)
         if i == len(body):
             return fields

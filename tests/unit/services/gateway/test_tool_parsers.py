@@ -129,3 +129,19 @@ def test_malformed_calls_are_content(text):
         assert _calls(calls) == [("f", {})] and content == ""
     else:
         assert content == text
+
+
+def test_random_text_never_breaks_the_parser():
+    """Whatever a model writes (tags, JSON pieces, bad escapes), fed in any pieces: content and calls, no error."""
+    rng = random.Random(17)
+    atoms = ["<tool_call>", "</tool_call>", "<tool_", "{", "}", "[", "]", '"name"', '"arguments"', ":", ",", '"f"',
+             '"\\q"', '"\\', "1", "-", "tru", "null", " ", "\n", "x", '"', "é"]
+    for _ in range(300):
+        text = "".join(rng.choice(atoms) for _ in range(rng.randint(1, 30)))
+        parser = HermesParser()
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, 4))) if len(text) > 1 else []
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        merged = merge([parser.feed(p) for p in pieces] + [parser.finish()])
+        assert all(isinstance(c.arguments, str) and c.name is not None for c in merged.calls)
+        content, calls = HermesParser().parse_all(text)
+        assert content == text or calls  # no call found: all of it is content
