@@ -1,4 +1,4 @@
-"""Tool plans (tool_choice to grammar, output to call), messages for templates that know tools and for those that do
+"""Tool plans (tool_choice to grammar or parser, output to call), messages for templates that know tools and for those that do
 not, and the tool_calls a ChatRenderer writes, whole and streamed."""
 
 from __future__ import annotations
