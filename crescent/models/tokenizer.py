@@ -77,9 +77,10 @@ class Tokenizer:
         if eos_token is not None and (eos_id := tokenizer.token_to_id(eos_token)) is not None:
             ids.add(eos_id)
         self.eos_token_ids: set[int] = ids
+        self.tool_template = tool_template
+        """A named "tool_use" template: what transformers renders instead when tools are given."""
         self._template = _compile(chat_template) if chat_template else None
         self._tool_template = _compile(tool_template) if tool_template else None
-        """A named "tool_use" template: what transformers renders when tools are given."""
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:

@@ -93,8 +93,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:  # else the client waits for logprobs that never come
         raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     encoder = st.encoder  # the model watch may swap it meanwhile: one request, one tokenizer
-    template = getattr(encoder.tokenizer, "chat_template", None)
-    plan = plan_tools(body, auto_parser(st.settings.tool_call_parser, template))
+    plan = plan_tools(body, auto_parser(st.settings.tool_call_parser, encoder.tool_template))
     if plan is not None and plan.forced and body.response_format is not None and body.response_format.type != "text":
         raise ApiError(400, "response_format and a required or named tool_choice both constrain the output; "
                             "send one", param="response_format")

@@ -96,8 +96,8 @@ CONVERSATIONS = {
 }
 
 
-def _folder(tmp: Path, template: str | None) -> Path:
-    """The default model's tokenizer, with ``template`` as its chat template when given."""
+def _folder(tmp: Path, template: str | list | None) -> Path:
+    """The default model's tokenizer, with ``template`` as its chat template when given (a list: named ones)."""
     src = ensure_default_model()
     folder = tmp / ("tool-template" if template else "default")
     folder.mkdir()
@@ -110,10 +110,16 @@ def _folder(tmp: Path, template: str | None) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", params=["default", "tool-template"])
+DEFAULT_TEMPLATE = Tokenizer.from_dir(ensure_default_model()).chat_template
+TEMPLATES = {"default": None, "tool-template": TOOL_TEMPLATE,
+             "named": [{"name": "default", "template": DEFAULT_TEMPLATE}, {"name": "tool_use", "template": TOOL_TEMPLATE}]}
+"""named: transformers' named-template form, whose "tool_use" template renders the requests that carry tools."""
+
+
+@pytest.fixture(scope="module", params=list(TEMPLATES))
 def renderers(request, tmp_path_factory):
     """(crescent's encoder, transformers' tokenizer) over one model folder."""
-    folder = _folder(tmp_path_factory.mktemp("parity"), TOOL_TEMPLATE if request.param != "default" else None)
+    folder = _folder(tmp_path_factory.mktemp("parity"), TEMPLATES[request.param])
     return PromptEncoder(Tokenizer.from_dir(folder), 8192), transformers.AutoTokenizer.from_pretrained(str(folder))
 
 
