@@ -108,3 +108,18 @@ def test_auto_is_a_400_naming_the_setting_when_no_parser_is_set(fake_cluster):
             _chat(client)
         assert err.value.body["param"] == "tool_choice" and "--tool-call-parser" in err.value.body["message"]
         assert _chat(client, tool_choice="none").choices[0].message.tool_calls is None
+
+
+def test_each_of_n_choices_has_its_own_calls(client, fake_cluster):
+    fake_cluster.reply = f"Hm.<tool_call>{WEATHER}</tool_call>"
+    chunks = [c.choices[0] for c in _chat(client, n=2, stream=True) if c.choices]
+    for i in (0, 1):
+        mine = [c for c in chunks if c.index == i]
+        deltas = [d for c in mine for d in c.delta.tool_calls or []]
+        assert "".join(c.delta.content or "" for c in mine) == "Hm."
+        assert [d.function.name for d in deltas if d.id] == ["get_weather"]
+        assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "Paris"}
+        assert [c.finish_reason for c in mine if c.finish_reason] == ["tool_calls"]
+    whole = _chat(client, n=2).choices
+    assert [c.message.content for c in whole] == ["Hm.", "Hm."]
+    assert all(c.message.tool_calls[0].function.name == "get_weather" for c in whole)
