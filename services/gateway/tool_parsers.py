@@ -65,6 +65,7 @@ class HermesParser:
         self._sent_args: list[int] = []  # per call sent: characters of its arguments sent
         self._plain = False  # the text after a tag was not a call: everything is content
         self._last_calls: list[_CallView] = []  # the calls as last parsed (kept when later text breaks them)
+        self._memos: dict[int, dict] = {}  # per pair of tags (by its start): where each open JSON value's scan got
 
     @property
     def called(self) -> bool:
@@ -127,7 +128,7 @@ class HermesParser:
             end = text.find(END, pos)
             body = text[pos:] if end < 0 else text[pos:end]
             try:
-                calls += _calls_in(body, closed=end >= 0 or final)
+                calls += _calls_in(body, end >= 0 or final, self._memos.setdefault(pos, {}))
             except Malformed:
                 if not calls:
                     raise
@@ -162,16 +163,16 @@ def _tag_prefix_len(text: str) -> int:
     return 0
 
 
-def _calls_in(body: str, closed: bool) -> list[_CallView]:
+def _calls_in(body: str, closed: bool, memo: dict) -> list[_CallView]:
     """The calls in the text between a pair of tags: one object, or a list of objects. ``closed``: no more text
-    will come (its closing tag was seen, or the output ended)."""
+    will come (its closing tag was seen, or the output ended). ``memo``: this body's scan progress (_value_end)."""
     i = _skip_ws(body, 0)
     if i == len(body):
         if closed:
             raise Malformed("an empty tool call")
         return []
     if body[i] == "{":
-        return [_object_call(body, i, closed)]
+        return [_object_call(body, i, closed, memo)]
     if body[i] != "[":
         raise Malformed("a tool call is a JSON object")
     calls, i = [], _skip_ws(body, i + 1)
@@ -180,8 +181,8 @@ def _calls_in(body: str, closed: bool) -> list[_CallView]:
             return calls
         if body[i] != "{":
             raise Malformed("a list of tool calls holds JSON objects")
-        calls.append(_object_call(body, i, closed))
-        end = _value_end(body, i)
+        calls.append(_object_call(body, i, closed, memo))
+        end = _value_end(body, i, memo)
         if end is None:
             return calls
         i = _skip_ws(body, end)
@@ -192,11 +193,11 @@ def _calls_in(body: str, closed: bool) -> list[_CallView]:
     return calls
 
 
-def _object_call(body: str, i: int, closed: bool) -> _CallView:
+def _object_call(body: str, i: int, closed: bool, memo: dict) -> _CallView:
     """The name and the arguments' text of the call object at ``body[i]`` (a prefix of one unless ``closed``)."""
-    fields = _fields(body, i)
+    fields = _fields(body, i, memo)
     if closed:
-        _check_whole(body, i)
+        _check_whole(body, i, memo)
     name = None
     if "name" in fields and fields["name"][1] is not None:
         start, end = fields["name"]
@@ -216,8 +217,8 @@ def _object_call(body: str, i: int, closed: bool) -> _CallView:
     return _CallView(name, raw)
 
 
-def _check_whole(body: str, i: int) -> None:
-    end = _value_end(body, i)
+def _check_whole(body: str, i: int, memo: dict) -> None:
+    end = _value_end(body, i, memo)
     if end is None:
         raise Malformed("the tool call is not a whole JSON object")
     _loads(body[i:end])
@@ -230,7 +231,7 @@ def _loads(text: str) -> object:
         raise Malformed(f"not JSON: {exc}") from exc
 
 
-def _fields(body: str, i: int) -> dict[str, tuple[int, int | None]]:
+def _fields(body: str, i: int, memo: dict) -> dict[str, tuple[int, int | None]]:
     """Top-level keys of the (possibly partial) object at ``body[i]`` -> span of their value; an end of None: the
     value runs on past the text so far. Keys whose value has not started yet are left out."""
     fields: dict[str, tuple[int, int | None]] = {}
@@ -238,7 +239,7 @@ def _fields(body: str, i: int) -> dict[str, tuple[int, int | None]]:
     while i < len(body) and body[i] != "}":
         if body[i] != '"':
             raise Malformed("an object key is a string")
-        key_end = _value_end(body, i)
+        key_end = _value_end(body, i, memo)
         if key_end is None:
             return fields
         key = _loads(body[i:key_end])
@@ -250,7 +251,7 @@ def _fields(body: str, i: int) -> dict[str, tuple[int, int | None]]:
         i = _skip_ws(body, i + 1)
         if i == len(body):
             return fields
-        end = _value_end(body, i)
+        end = _value_end(body, i, memo)
         fields[key] = (i, end)
         if end is None:
             return fields
@@ -262,34 +263,21 @@ def _fields(body: str, i: int) -> dict[str, tuple[int, int | None]]:
     return fields
 
 
-def _value_end(s: str, i: int) -> int | None:
-    """Index just past the JSON value starting at ``s[i]``; None when the text ends before it does."""
+def _value_end(s: str, i: int, memo: dict) -> int | None:
+    """Index just past the JSON value starting at ``s[i]``; None when the text ends before it does.
+
+    A string or container's scan resumes where the last call on a shorter text stopped (``memo[i]``): the text only
+    grows, and rescanning a long argument object on every token would cost the square of its length."""
     ch = s[i]
-    if ch in "{[":
-        depth, in_str, escaped = 0, False, False
-        for j in range(i, len(s)):
-            c = s[j]
-            if in_str:
-                escaped, in_str = (False, True) if escaped else (c == "\\", c != '"')
-            elif c == '"':
-                in_str = True
-            elif c in "{[":
-                depth += 1
-            elif c in "}]":
-                depth -= 1
-                if depth == 0:
-                    return j + 1
-        return None
-    if ch == '"':
-        escaped = False
-        for j in range(i + 1, len(s)):
-            if escaped:
-                escaped = False
-            elif s[j] == "\\":
-                escaped = True
-            elif s[j] == '"':
-                return j + 1
-        return None
+    if ch in '{["':
+        state = memo.get(i)
+        if state is None or state[0] > len(s):  # none yet, or the text was cut (at a closing tag): from the start
+            state = (i + 1, 1 if ch != '"' else 0, ch == '"', False, False)
+        j, depth, in_str, escaped, done = state
+        if not done:
+            j, depth, in_str, escaped, done = _scan(s, j, depth, in_str, escaped)
+            memo[i] = (j, depth, in_str, escaped, done)
+        return j if done else None
     m = _SCALAR.match(s, i)
     if m is None and any(word.startswith(s[i:]) for word in ("-", "true", "false", "null")):
         return None  # the text ends inside a literal
@@ -298,6 +286,31 @@ def _value_end(s: str, i: int) -> int | None:
     if m.end() == len(s):
         return None  # "12" may go on to "123", "tru" to "true"
     return m.end()
+
+
+def _scan(s: str, j: int, depth: int, in_str: bool, escaped: bool) -> tuple[int, int, bool, bool, bool]:
+    """Scan on from ``s[j]`` with ``depth`` containers open and the string state: where it stopped and whether the
+    value ended there (a string at depth 0 ends at its closing quote, a container when depth returns to 0)."""
+    for k in range(j, len(s)):
+        c = s[k]
+        if in_str:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_str = False
+                if depth == 0:
+                    return k + 1, 0, False, False, True
+        elif c == '"':
+            in_str = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return k + 1, 0, False, False, True
+    return len(s), depth, in_str, escaped, False
 
 
 def _skip_ws(s: str, i: int) -> int:
