@@ -8,6 +8,7 @@ rejection by SLO is separate (rejection.py) so every policy can be combined with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,18 +91,51 @@ def pick_decode(view: ClusterView, req: Request) -> tuple[InstanceState, float]:
     return best, _decode_tbt(view, best, req)
 
 
+def tbt_budget(view: ClusterView) -> float:
+    """The planner's step time a decode instance may reach and still keep the TBT SLO, in the planner's units
+    (the same bound early rejection holds: rejection.py's ``_tbt_limit`` over the ledger's ``tbt_correction``)."""
+    return view.slo.tbt_s / view.cost.decode_tail_ratio / max(view.ledger.tbt_correction, 1e-9)
+
+
+def _reported_tbt(view: ClusterView, d: InstanceState, req: Request) -> float:
+    """The step time ``d``'s last report implies with ``req`` joined: no forecast, no reservations."""
+    return view.cost.decode_step_time(d.load.running + d.load.waiting + 1,
+                                      d.load.running_context_tokens + req.prompt_tokens)
+
+
 def pick_decode_at_arrival(view: ClusterView, req: Request, arrival: float) -> tuple[InstanceState, float]:
-    """The decode instance with the lowest TBT forecast for when the request gets there (Mooncake §7): the
-    reported load moved forward by the ledger, so prefills about to land and requests about to finish count."""
-    forecasts = {d.instance_id: decode_at(view, d, req, arrival) for d in view.decode}
+    """The decode instance with the lowest TBT forecast over the request's stay (Mooncake §7), with triage.
+
+    Candidates are the instances whose forecast *at the arrival* (the one ``predicted`` admission checks) keeps
+    the TBT budget; among them the one with the lowest forecast over the stay wins: that one counts every
+    admitted request not yet reported, including those landing after this one. In a burst, earlier placements
+    wait longer in prefill queues, and counting only those landing before ``arrival`` sent short-TTFT requests
+    onto the instance whose load was about to land, over and over.
+
+    Triage: when no instance keeps the budget at the arrival *and* every instance's own last report already
+    puts it past the budget (sustained overload, not a burst the forecast overstates), the request cannot meet
+    its SLO anywhere. It goes to the instance furthest past the budget, where it pushes out of the SLO no request
+    that still meets it, rather than onto the least loaded one, which it would tip over. Without early rejection
+    this is the only way a conductor keeps overload off the instances still within SLO (FAST'25 §6's aim, by
+    placement); with rejection, admission refuses such a request on any instance.
+    """
+    at_arrival = {d.instance_id: decode_at(view, d, req, arrival)[0] for d in view.decode}
+    over_stay = {d.instance_id: decode_at(view, d, req, arrival, land_until=math.inf) for d in view.decode}
 
     def fits(d: InstanceState) -> bool:
         capacity = d.load.total_kv_blocks * d.info.kv_block_size
-        return capacity <= 0 or forecasts[d.instance_id][1] <= capacity
+        return capacity <= 0 or over_stay[d.instance_id][1] <= capacity
 
     pool = [d for d in view.decode if fits(d)] or view.decode
-    best = min(pool, key=lambda d: (forecasts[d.instance_id][0], d.batch, d.instance_id))
-    return best, forecasts[best.instance_id][0]
+    budget = tbt_budget(view)
+    within = [d for d in pool if at_arrival[d.instance_id] <= budget]
+    if within:
+        best = min(within, key=lambda d: (over_stay[d.instance_id][0], d.batch, d.instance_id))
+        return best, over_stay[best.instance_id][0]
+    overloaded = all(_reported_tbt(view, d, req) > budget for d in pool)
+    pick = max if overloaded else min
+    best = pick(pool, key=lambda d: (at_arrival[d.instance_id], d.batch, d.instance_id))
+    return best, at_arrival[best.instance_id]
 
 
 def _no_instance(view: ClusterView) -> Rejection | None:
@@ -167,11 +201,14 @@ def mooncake(view: ClusterView, req: Request) -> Placement | Rejection:
     """
     if (r := _no_instance(view)) is not None:
         return r
+    # An instance the queue cap would refuse is no candidate while another has room (it would turn an admissible
+    # request into a queue_full rejection; the cap counts placements since the last report).
+    open_ = [p for p in view.prefill if p.queued_requests < view.slo.max_queue_per_instance] or view.prefill
     owns = {p.instance_id: len(view.index.prefix_tiers(p.instance_id, req.block_hashes)) for p in view.prefill}
     holder = max(view.prefill, key=lambda p: (owns[p.instance_id], -p.queued_prefill_tokens)).instance_id
     best_len = owns[holder]
     estimates = []
-    for p in view.prefill:
+    for p in open_:
         own = owns[p.instance_id]
         far = best_len > view.kvcache_balancing_threshold * max(own, 1) or (own == 0 and best_len > 0)
         estimates.append(estimate_prefill(view, p, req, (holder, best_len) if far else None))
