@@ -1,5 +1,6 @@
-"""The decode load forecast for the moment a request would reach decode (Mooncake §7), shared by the
-``predicted`` early rejection and the ``mooncake`` policy's choice of decode instance.
+"""The decode load forecast for the moment a request would reach decode (Mooncake §7), used by the
+``predicted`` early rejection (the ``mooncake`` policy picks decode on current load: see
+policies.pick_decode_with_triage for why).
 
 Anchored on the decode instance's last report (what is really running), moved forward by the ledger: minus what
 finished since, plus admitted requests landing before then, minus requests all but sure to be done (ledger.py).
@@ -18,17 +19,12 @@ def kv_need(view: ClusterView, req: Request) -> int:
     return req.prompt_tokens + view.ledger.expected_output(req.max_tokens)
 
 
-def decode_at(view: ClusterView, d: InstanceState, req: Request, arrival: float,
-              land_until: float | None = None) -> tuple[float, int]:
-    """(TBT, KV tokens in use) on decode instance ``d`` at time ``arrival``, with ``req`` joined.
-
-    ``land_until``: count admitted requests landing up to then (default ``arrival``); the mooncake policy's choice
-    of decode instance passes infinity (every admitted request not yet reported; see policies.py).
-    """
-    # Admission counts landers at the arrival only: counting admitted requests that land later in its decode window too (tried) cost
+def decode_at(view: ClusterView, d: InstanceState, req: Request, arrival: float) -> tuple[float, int]:
+    """(TBT, KV tokens in use) on decode instance ``d`` at time ``arrival``, with ``req`` joined."""
+    # At the arrival only: counting admitted requests that land later in its decode window too (tried) cost
     # goodput on the trace suite, and each of those is checked against the SLO when it is placed.
     batch, context, kv = view.ledger.predict_decode_change(d.instance_id, d.last_heartbeat, view.now, arrival,
-                                                           d.load.waiting, land_until)
+                                                           d.load.waiting)
     used = (d.load.total_kv_blocks - d.load.free_kv_blocks) * d.info.kv_block_size
     tbt = view.cost.decode_step_time(max(0, d.load.running + d.load.waiting + batch) + 1,
                                      max(0, d.load.running_context_tokens + context) + req.prompt_tokens)

@@ -156,10 +156,10 @@ class Ledger:
         return n, kv
 
     def predict_decode_change(self, decode_id: str, reported_at: float, now: float, at: float,
-                              waiting: int = 0, land_until: float | None = None) -> tuple[int, int, int]:
+                              waiting: int = 0) -> tuple[int, int, int]:
         """(batch, context tokens, KV tokens) to add to ``decode_id``'s load reported at ``reported_at`` to
         forecast it at ``at`` (>= ``now``); ``waiting`` = requests the report shows queued for KV (not in its
-        used KV); ``land_until`` (default ``at``): count requests not yet reported that land up to then. See the module docstring for what is added and removed.
+        used KV). See the module docstring for what is added and removed.
         """
         with self._lock:
             self.clock = max(self.clock, now)
@@ -170,7 +170,7 @@ class Ledger:
                 if e.decode_id != decode_id:
                     continue
                 if e.decode_start > reported_at:  # not in the report yet: lands before `at`, or after us
-                    if e.decode_start <= (at if land_until is None else land_until):
+                    if e.decode_start <= at:
                         batch, context, kv = batch + 1, context + e.prompt_tokens, kv + e.kv_tokens
                     continue
                 reported_kv, reported_n = reported_kv + e.kv_tokens, reported_n + 1

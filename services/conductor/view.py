@@ -23,6 +23,6 @@ class ClusterView:
     now: float
     seq: int = 0  # placements made so far (round robin's cursor)
     kvcache_balancing_threshold: float = 2.0  # fetch a remote prefix only when it is this many times longer
-    # The SLOs and queue cap admission will hold the placement to: a policy that knows them can avoid a pick the
-    # cap refuses, and can tell a decode instance that keeps the TBT SLO from one that cannot.
+    # The SLOs admission will hold the placement to: with them a policy can tell a decode instance that keeps the
+    # TBT SLO from one that cannot (mooncake's triage).
     slo: Slo = field(default_factory=Slo)
