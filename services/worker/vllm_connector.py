@@ -37,10 +37,11 @@ worker's results) still counts the ordered blocks: the worker's ``save_errors`` 
 **Counters.** Each half counts (``ConnectorCounters``): ``lookups``, ``lookup_misses``, ``lookup_errors``
 (scheduler: requests that asked to load, found nothing usable, or could not reach the store); ``loads``,
 ``loaded_tokens``, ``load_errors``, ``saves``, ``stored_blocks``, ``save_errors``, ``events_reported`` (worker).
-They reach the engine two ways: (1) vLLM's stats path: ``get_kv_connector_stats`` hands the per-interval deltas to
-vLLM, which sums both halves into ``SchedulerStats.kv_connector_stats`` (a dict of these names) for the stat
-loggers of an ``AsyncLLM`` built with log stats on (a custom ``StatLoggerBase`` sees them in ``record``);
-(2) the per-request reports: ``vllm_connector_plan.sum_reports(outputs)`` totals them (what tests read).
+They reach the engine two ways: (1) vLLM's stats path: ``get_kv_connector_stats`` hands the per-step deltas to
+vLLM, which sums both halves into ``SchedulerStats.kv_connector_stats`` for the stat loggers of an engine built
+with log stats on; ``connector_stat_logger(totals)`` is such a logger: pass it to ``AsyncLLM``/``LLMEngine``
+(``stat_loggers=[connector_stat_logger(totals)]``) and ``totals`` (a dict) holds the running sums;
+(2) the per-request reports: ``vllm_connector_plan.sum_reports(outputs)`` totals them.
 
 **Events.** With a conductor address, the blocks the worker saved or loaded are reported as ``KIND_STORED`` in
 ``TIER_DEVICE`` for ``instance_id`` (``ReportKvEvents``), when vLLM keeps them (prefix caching on; without it a
@@ -50,6 +51,7 @@ vLLM's own evictions are not forwarded yet (vLLM's KV events would be the source
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +63,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.v1.metrics.loggers import StatLoggerBase
 
 from crescent.services.worker.vllm_connector_plan import COUNTER_NAMES, ConnectorConfig, LoadSpec, SaveSpec
 from crescent.services.worker.vllm_connector_scheduler import ConnectorScheduler
@@ -120,6 +123,26 @@ class CrescentConnectorStats(KVConnectorStats):
         return not any(self.data.values())
 
 
+class _ConnectorStatLogger(StatLoggerBase):
+    """Adds each step's connector counter deltas into a dict the engine owns."""
+
+    def __init__(self, vllm_config: VllmConfig, engine_index: int = 0, totals: dict[str, int] | None = None):
+        self.totals = totals if totals is not None else {}
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0) -> None:
+        for name, n in ((scheduler_stats and scheduler_stats.kv_connector_stats) or {}).items():
+            self.totals[name] = self.totals.get(name, 0) + n
+
+    def log_engine_initialized(self) -> None:
+        return
+
+
+def connector_stat_logger(totals: dict[str, int]) -> Callable[[VllmConfig, int], StatLoggerBase]:
+    """A vLLM stat-logger factory whose logger keeps the connector's totals (``COUNTER_NAMES``) in ``totals``."""
+    return lambda vllm_config, engine_index=0: _ConnectorStatLogger(vllm_config, engine_index, totals)
+
+
 class CrescentConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -133,7 +156,7 @@ class CrescentConnector(KVConnectorBase_V1):
 
     @property
     def counters(self) -> dict[str, int]:
-        """This half's running totals (in the engine core process; the stats path carries them out)."""
+        """This half's running totals, in its own process (the stats path carries them to the engine)."""
         half = self.scheduler or self.worker
         assert half is not None
         return dict(half.counters.values)

@@ -1,7 +1,7 @@
 """CrescentConnector's I/O: kvstore clients (one per store address and transport) and the conductor's KV events.
 
-Both halves of the connector run inside vLLM's engine core, off crescent's event loops, so everything here is
-blocking. Store calls are bounded by the config's ``timeout_s``; events go through a bounded queue drained by one
+The scheduler half runs in vLLM's engine core process, the worker half in its worker process, both off crescent's
+event loops, so everything here is blocking. Store calls are bounded by the config's ``timeout_s``; events go through a bounded queue drained by one
 daemon thread, so a slow or absent conductor never stalls a forward pass (a dropped event costs cache hits, never
 correctness, as for the kvstore's own events).
 """

@@ -1,8 +1,8 @@
 """CrescentConnector's worker half: store blocks into vLLM's paged KV tensors and back, over crescent's transports.
 
-Runs in vLLM's worker (on CPU: inside the engine core process). Loads run in ``start_load_kv``, which vLLM calls
-before the forward pass of a step with synchronous loads, so every layer is in place before attention reads it
-(``wait_for_layer_load`` has nothing to wait for). Saves run in ``wait_for_save``, after the step's forward, reading
+Runs in vLLM's worker process (one per device; on CPU a ``VLLM::Worker`` process beside the engine core). Loads
+run in ``start_load_kv``, which vLLM calls before the forward pass of a step with synchronous loads, so every layer
+is in place before attention reads it (``wait_for_layer_load`` has nothing to wait for). Saves run in ``wait_for_save``, after the step's forward, reading
 the finished pages of every layer at once from the caches vLLM registered (``register_kv_caches``); saving layer by
 layer from ``save_kv_layer`` would overlap the transfer with compute, which a one-entry-per-block store format
 (all layers in one block, as crescent's engine writes it) cannot use yet.

@@ -79,7 +79,7 @@ def run_vllm(tmp: Path, name: str, spec: dict) -> dict:
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([str(VLLM_PY), str(DRIVER), str(spec_path), str(out_path)], env=env, cwd=tmp,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out_path.read_text())
 
@@ -113,6 +113,7 @@ def test_vllm_workers_share_kv_through_the_store(cluster, prompts, model_dir, tm
     assert p_run["report"]["stored_blocks"] == 18 and p_run["report"]["block_hashes"] == a_hashes
     assert p_run["report"]["loaded_tokens"] == 0 and "error" not in p_run["report"]
     assert store_blocks(store) == 18
+    assert produced["stats_totals"]["stored_blocks"] == 18 and produced["stats_totals"]["saves"] == 3  # 3 chunks
 
     # consumer: a fresh process; the reference run computes a, the loading run loads 288 of its 300 tokens
     consumed = run_vllm(tmp_path, "consumer", spec(model_dir, store, prompts, [
@@ -128,6 +129,9 @@ def test_vllm_workers_share_kv_through_the_store(cluster, prompts, model_dir, tm
     assert sum_reports([r["report"] for r in consumed["runs"]]) == {
         "requests": 2, "loaded_tokens": 33 * BLOCK, "stored_blocks": 0, "load_hits": 2, "errors": 0}
     assert store_blocks(store) == 18  # nothing saved by the consumer
+    stats = consumed["stats_totals"]  # vLLM's stats path: both halves' counters
+    assert (stats["lookups"], stats["loads"], stats["loaded_tokens"]) == (2, 2, 33 * BLOCK)
+    assert stats.get("lookup_misses", 0) == stats.get("load_errors", 0) == stats.get("saves", 0) == 0
 
     # the producer's KV events reached the conductor: placement sends b to the worker holding its prefix
     channel, client = stub(conductor.address, TOKEN)
