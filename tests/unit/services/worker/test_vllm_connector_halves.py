@@ -50,11 +50,25 @@ def vec_write(key, value, page, slots):
         body[p, :, 1].view(heads, page_size, two_d // 2)[:, t] = value[i]
 
 
+def start_store(tmp_path, transport: str = "tcp"):
+    return run_in_thread(KvStoreSettings(port=0, data_port=0, metrics_port=0, dram_capacity_bytes=4 << 20,
+                                         ssd_capacity_bytes=0, data_dir=str(tmp_path), dram_prefault=False,
+                                         internal_token=TOKEN, transport=transport))
+
+
 @pytest.fixture
 def store(tmp_path):
-    handle = run_in_thread(KvStoreSettings(port=0, data_port=0, metrics_port=0, dram_capacity_bytes=4 << 20,
-                                           ssd_capacity_bytes=0, data_dir=str(tmp_path), dram_prefault=False,
-                                           internal_token=TOKEN))
+    handle = start_store(tmp_path)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(params=["tcp", "mooncake"])
+def any_store(request, tmp_path):
+    if request.param == "mooncake":
+        pytest.importorskip("mooncake.engine")
+    handle = start_store(tmp_path, request.param)
+    handle.transport = request.param
     yield handle
     handle.stop()
 
@@ -64,7 +78,8 @@ def config(**kw) -> ConnectorConfig:
 
 
 def request(rid: str, prompt: list[int], store, load: bool, save: bool):
-    params = {"kvstore_address": store.data_address, "kvstore_transport": "tcp", "model_id": MODEL,
+    params = {"kvstore_address": store.data_address, "kvstore_transport": getattr(store, "transport", "tcp"),
+              "model_id": MODEL,
               "load": load, "save": save}
     return SimpleNamespace(request_id=rid, prompt_token_ids=prompt, kv_transfer_params=params)
 
@@ -132,12 +147,12 @@ def test_page_layout_round_trip_and_store_block_format():
     assert torch.equal(from_store_blocks(blocks), kv[:, :4])
 
 
-def test_save_then_load_in_another_worker(store):
+def test_save_then_load_in_another_worker(any_store):
     """Producer: a 22-token prompt in pages [5, 1] saved in two chunks; consumer: pages [2, 6] load 20 tokens."""
     prompt = list(range(100, 122))
     sched = ConnectorScheduler(config(), PAGE)
     producer, p_layers = worker_with_caches()
-    req = request("a", prompt, store, load=True, save=True)
+    req = request("a", prompt, any_store, load=True, save=True)
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)  # empty store
     sched.update_state_after_alloc(req, [5], 0)
     pages = [5, 1]
@@ -155,7 +170,7 @@ def test_save_then_load_in_another_worker(store):
     assert sched.counters.values["lookup_misses"] == 1 and producer.counters.values["stored_blocks"] == 5
 
     consumer, c_layers = worker_with_caches()
-    req = request("b", prompt, store, load=True, save=True)
+    req = request("b", prompt, any_store, load=True, save=True)
     assert sched.get_num_new_matched_tokens(req, 0) == (20, False)
     sched.update_state_after_alloc(req, [2, 6], 20)
     loads, saves = sched.build_orders(step(new=[("b", [2, 6], 20)], scheduled={"b": 2}))
