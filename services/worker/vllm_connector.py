@@ -147,6 +147,11 @@ class CrescentConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         config = ConnectorConfig.from_extra(self._kv_transfer_config.kv_connector_extra_config)
+        parallel = vllm_config.parallel_config
+        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+            # each rank holds a slice of the heads or layers, and a store block is the whole model's KV
+            raise ValueError("CrescentConnector stores whole-model blocks: it needs tensor_parallel_size=1 and "
+                             "pipeline_parallel_size=1 (sharded saves are not supported yet)")
         self.scheduler: ConnectorScheduler | None = None
         self.worker: ConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
