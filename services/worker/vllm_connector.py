@@ -27,7 +27,7 @@ computed; blocks the lookup found stored are not written again). Malformed param
 request runs without transfers and its report says why (``error``).
 
 **Per-request report.** ``request_finished`` returns a dict that vLLM puts in the finished
-``RequestOutput.kv_transfer_params``: ``{"loaded_tokens": n, "stored_blocks": k (blocks this request's saves
+``RequestOutput.kv_transfer_params`` (the final output only): ``{"loaded_tokens": n, "stored_blocks": k (blocks this request's saves
 wrote), "store_hit_blocks": h (leading blocks the store held at the lookup), "block_hashes": [...] (the prompt's
 leading full blocks the store holds after this request), "error": "..." (only when something failed)}``. The worker
 saves synchronously in ``wait_for_save``, before the step's output leaves the engine core; if a save fails in the
@@ -35,13 +35,22 @@ very step that finishes the request, the report (built when the scheduler sees t
 worker's results) still counts the ordered blocks: the worker's ``save_errors`` counter and its log say so.
 
 **Counters.** Each half counts (``ConnectorCounters``): ``lookups``, ``lookup_misses``, ``lookup_errors``
-(scheduler: requests that asked to load, found nothing usable, or could not reach the store); ``loads``,
+(scheduler: requests that asked to load, found nothing to load beyond vLLM's own cache, or could not reach the
+store); ``loads``,
 ``loaded_tokens``, ``load_errors``, ``saves``, ``stored_blocks``, ``save_errors``, ``events_reported`` (worker).
 They reach the engine two ways: (1) vLLM's stats path: ``get_kv_connector_stats`` hands the per-step deltas to
 vLLM, which sums both halves into ``SchedulerStats.kv_connector_stats`` for the stat loggers of an engine built
 with log stats on; ``connector_stat_logger(totals)`` is such a logger: pass it to ``AsyncLLM``/``LLMEngine``
 (``stat_loggers=[connector_stat_logger(totals)]``) and ``totals`` (a dict) holds the running sums;
 (2) the per-request reports: ``vllm_connector_plan.sum_reports(outputs)`` totals them.
+
+**Where each half runs.** The scheduler half (lookups, orders, reports; vllm_connector_scheduler.py) runs in vLLM's
+engine core; it looks the store up (one small request on the transport) each time vLLM asks about a waiting request.
+The worker half (vllm_connector_worker.py) runs in vLLM's worker process: it loads before the forward pass of a step
+and saves after it, moving tokens through their slots (``block_ids[pos // page_size] * page_size + pos %
+page_size``), so crescent's block size and vLLM's page size are independent; the attention kernel's order inside a
+page is measured at start (vllm_kv_layout.py). Supported: vLLM's CPU attention backend, ``kv_cache_dtype="auto"``,
+tensor and pipeline parallel size 1 (refused otherwise, with the reason).
 
 **Events.** With a conductor address, the blocks the worker saved or loaded are reported as ``KIND_STORED`` in
 ``TIER_DEVICE`` for ``instance_id`` (``ReportKvEvents``), when vLLM keeps them (prefix caching on; without it a

@@ -4,8 +4,11 @@ kvstore and load them back, and the conductor learns where the blocks are.
 A producer (prefix caching on, chunked prefill of 128 tokens, so saves happen block by block across steps) saves a
 ~300-token prompt and reports its blocks to a real conductor; a consumer (a fresh process, prefix caching off, like a
 decode worker) runs the same prompt without loading (the reference), then loading (loads 18 blocks, computes the
-rest, same greedy tokens), then a second prompt that shares a long prefix (loads that prefix). Skipped without
-.venv-vllm (`make vllm`). Two vLLM start-ups (~20 s each here, plus ~25 s of imports) dominate its run time.
+rest, same greedy tokens), then a second prompt that shares a long prefix (loads that prefix). Both drive vLLM's
+LLMEngine with the connector's stat logger, so vLLM's stats path is checked too. Skipped without .venv-vllm
+(`make vllm`). Two vLLM start-ups dominate its run time: building the engine took 20 s on a quiet 2-core machine
+(plus ~40 s of imports and teardown per process), and 90-210 s while the cores were shared with other jobs, when
+the whole test took 7.5-10 minutes.
 """
 
 from __future__ import annotations
