@@ -238,3 +238,34 @@ def test_failures_are_reported_not_raised(store, tmp_path):
     assert report["loaded_tokens"] == 0 and "held 0 of 16 tokens" in report["error"]
     for half in (sched, sched2, consumer):
         half.close()
+
+
+def test_probe_reads_the_same_order_in_bf16_and_refuses_a_kernel_that_drops_elements():
+    fp32 = probe_page_layout(vec_write, HEADS, PAGE, DIM, torch.float32)
+    bf16 = probe_page_layout(vec_write, HEADS, PAGE, DIM, torch.bfloat16)  # digits 1..256 are exact in bf16
+    assert torch.equal(fp32.key_pos, bf16.key_pos) and torch.equal(fp32.value_pos, bf16.value_pos)
+    assert fp32.key_pos[1, 0, 0] == 1 and fp32.key_pos[0, 0, 1] == PAGE  # keys transposed: dim-major
+    assert fp32.value_pos[1, 0, 0] == PAGE * DIM + DIM  # values token-major after the keys
+
+    def lossy(key, value, page, slots):
+        vec_write(key[:-1], value[:-1], page, slots[:-1])
+
+    with pytest.raises(ValueError, match="wrote"):
+        probe_page_layout(lossy, HEADS, PAGE, DIM, torch.float32)
+
+
+def test_saves_follow_new_pages_and_a_preemption(store):
+    """Chunked prefill appends pages; after a preemption vLLM hands the whole (new) page list."""
+    sched = ConnectorScheduler(config(), PAGE)
+    req = request("p", list(range(80)), store, load=False, save=True)
+    sched.get_num_new_matched_tokens(req, 0)
+    _, saves = sched.build_orders(step(new=[("p", [3], 0)], scheduled={"p": 32}))
+    assert saves[0].slots == slots_for([3], PAGE, 0, 32)
+    _, saves = sched.build_orders(step(cached=[("p", [7], 32)], scheduled={"p": 20}))
+    assert saves[0].slots == slots_for([3, 7], PAGE, 32, 52) and len(saves[0].hashes) == 5
+    out = step(cached=[("p", [1, 2, 4], 0)], scheduled={"p": 80})
+    out.scheduled_cached_reqs.resumed_req_ids = {"p"}
+    _, saves = sched.build_orders(out)  # recomputed from 0; blocks 0-12 are saved already, 13-19 now
+    assert saves[0].slots == slots_for([1, 2, 4], PAGE, 52, 80)
+    assert sched.request_finished(req)["stored_blocks"] == 20
+    sched.close()
