@@ -149,5 +149,6 @@ def test_vllm_workers_share_kv_through_the_store(cluster, prompts, model_dir, tm
             block_size=BLOCK), timeout=5)
     assert placed.accepted and placed.prefill.instance_id == "vllm-producer"
     assert placed.cached_prefix_blocks == shared_blocks
-    print(f"vLLM start-up: producer {produced['start_s']:.1f}s, consumer {consumed['start_s']:.1f}s",
-          file=sys.stderr)
+    print(f"vLLM start-up: producer {produced['start_s']:.1f}s, consumer {consumed['start_s']:.1f}s; request "
+          f"seconds (8 tokens): " + ", ".join(f"{r['name']}{'+load' * r['load']} {r['seconds']:.1f}"
+                                             for r in produced["runs"] + consumed["runs"]), file=sys.stderr)
