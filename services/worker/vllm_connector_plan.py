@@ -143,6 +143,7 @@ class RequestPlan:
     block_ids: list[int] = field(default_factory=list)
     next_save: int = -1  # the first block not yet saved; -1 = not started (set from the lookup)
     stored_new: int = 0  # blocks this request's saves wrote
+    save_failed: bool = False  # a save order came back short: which blocks made it is unknown
 
     def ready_to_save(self, computed_tokens: int) -> tuple[int, int]:
         """Blocks [first, last) whose tokens are all computed now and not saved yet (prompt blocks only)."""
@@ -154,7 +155,7 @@ class RequestPlan:
 
     def report(self) -> dict[str, Any]:
         """The per-request report returned in the finished request's kv_transfer_params."""
-        held = max(self.stored_blocks, self.next_save)
+        held = self.stored_blocks if self.save_failed else max(self.stored_blocks, self.next_save)
         out: dict[str, Any] = {"loaded_tokens": self.loaded_tokens, "stored_blocks": self.stored_new,
                                "store_hit_blocks": self.stored_blocks, "block_hashes": self.hashes[:held]}
         if self.error:

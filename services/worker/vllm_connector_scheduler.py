@@ -143,6 +143,7 @@ class ConnectorScheduler:
                 plan.loaded_tokens = result["loaded_tokens"]
             if "stored_blocks" in result:  # the order counted all its blocks; the worker says how many it wrote
                 plan.stored_new += result["stored_blocks"] - result["ordered_blocks"]
+                plan.save_failed |= result["stored_blocks"] < result["ordered_blocks"]
             if result.get("error"):
                 plan.error = result["error"]
 

@@ -269,3 +269,21 @@ def test_saves_follow_new_pages_and_a_preemption(store):
     assert saves[0].slots == slots_for([1, 2, 4], PAGE, 52, 80)
     assert sched.request_finished(req)["stored_blocks"] == 20
     sched.close()
+
+
+def test_a_failed_save_is_reported_and_its_blocks_not_claimed(tmp_path):
+    doomed = start_store(tmp_path)
+    sched = ConnectorScheduler(config(), PAGE)
+    producer, layers = worker_with_caches()
+    fill(layers, slots_for([0], PAGE, 0, 12), seed=4)
+    req = request("s", list(range(12)), doomed, load=False, save=True)
+    sched.get_num_new_matched_tokens(req, 0)
+    _, saves = sched.build_orders(step(new=[("s", [0], 0)], scheduled={"s": 12}))
+    doomed.stop()  # the store dies between the order and the save
+    producer.save(saves)
+    assert producer.counters.values["save_errors"] == 1 and producer.counters.values["stored_blocks"] == 0
+    sched.worker_results(producer.take_results())
+    report = sched.request_finished(req)
+    assert report["stored_blocks"] == 0 and report["block_hashes"] == [] and "save to" in report["error"]
+    for half in (sched, producer):
+        half.close()
