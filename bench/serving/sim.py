@@ -135,7 +135,7 @@ class Simulator:
             decode = add_reservations([copy.copy(s) for s in self.reports["decode"]], self.ledger)
         return ClusterView(prefill=prefill, decode=decode, kvstore=[self.store.state()],
                            index=self.index, cost=self.cfg.cost, ledger=self.ledger, now=now, seq=self.placements,
-                           kvcache_balancing_threshold=self.cfg.kvcache_balancing_threshold)
+                           kvcache_balancing_threshold=self.cfg.kvcache_balancing_threshold, slo=self.slo)
 
     def _arrive(self, t: float, i: int, tr: TraceRequest) -> None:
         rec = RequestRecord(i, t, tr.input_length, tr.output_length)

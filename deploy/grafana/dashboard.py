@@ -18,6 +18,8 @@ OUT_PATH = Path(__file__).resolve().parent / "crescent-dashboard.json"
 TTFT_SLO_S = 2.0   # chart slo.ttftSeconds default; a bucket bound of LATENCY_BUCKETS
 TBT_SLO_S = 0.2    # chart slo.tbtSeconds default; a bucket bound of TOKEN_GAP_BUCKETS
 RATE = "$__rate_interval"
+MODEL = '{model_name=~"$model_name"}'
+"""The gateway's request metrics carry model_name: its panels follow the dashboard's model variable (All = .*)."""
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 
@@ -33,11 +35,11 @@ class Panel:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def quantiles(metric: str, by: str = "") -> list[tuple[str, str]]:
+def quantiles(metric: str, by: str = "", select: str = "") -> list[tuple[str, str]]:
     group = f"le{', ' + by if by else ''}"
     legend = f"{{{{{by}}}}} " if by else ""
-    return [(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket[{RATE}])))", f"{legend}p{int(q * 100)}")
-            for q in (0.5, 0.9, 0.99)]
+    return [(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{select}[{RATE}])))",
+             f"{legend}p{int(q * 100)}") for q in (0.5, 0.9, 0.99)]
 
 
 def ratio(num: str, den: str, by: str) -> str:
@@ -46,21 +48,21 @@ def ratio(num: str, den: str, by: str) -> str:
 
 ROWS: list[tuple[str, list[Panel]]] = [
     ("Requests", [
-        Panel("Request rate by outcome", [(f"sum by (outcome) (rate(crescent_gateway_requests_total[{RATE}]))",
+        Panel("Request rate by outcome", [(f"sum by (outcome) (rate(crescent_gateway_requests_total{MODEL}[{RATE}]))",
                                           "{{outcome}}")], "reqps", "Finished API requests.", stack=True),
         Panel("Rejections by reason", [(f"sum by (reason) (rate(crescent_conductor_rejections_total[{RATE}]))",
                                        "{{reason}}")], "reqps", "Early rejections (HTTP 429) the conductor made.",
               stack=True),
-        Panel("Token throughput", [(f"sum(rate(crescent_gateway_generation_tokens_total[{RATE}]))", "generated"),
-                                   (f"sum(rate(crescent_gateway_prompt_tokens_total[{RATE}]))", "prompt")],
+        Panel("Token throughput", [(f"sum(rate(crescent_gateway_generation_tokens_total{MODEL}[{RATE}]))", "generated"),
+                                   (f"sum(rate(crescent_gateway_prompt_tokens_total{MODEL}[{RATE}]))", "prompt")],
               "short", "Tokens per second through the gateway."),
     ]),
     ("Latency against the SLOs", [
-        Panel("Time to first token", quantiles("crescent_gateway_time_to_first_token_seconds"), "s",
+        Panel("Time to first token", quantiles("crescent_gateway_time_to_first_token_seconds", select=MODEL), "s",
               "TTFT percentiles; red line: the TTFT SLO.", slo=TTFT_SLO_S),
-        Panel("Time between tokens", quantiles("crescent_gateway_inter_token_latency_seconds"), "s",
+        Panel("Time between tokens", quantiles("crescent_gateway_inter_token_latency_seconds", select=MODEL), "s",
               "Inter-token latency percentiles; red line: the TBT SLO.", slo=TBT_SLO_S),
-        Panel("End-to-end latency", quantiles("crescent_gateway_e2e_request_latency_seconds"), "s",
+        Panel("End-to-end latency", quantiles("crescent_gateway_e2e_request_latency_seconds", select=MODEL), "s",
               "Whole-request latency percentiles."),
     ]),
     ("Workers", [
@@ -143,12 +145,17 @@ def build() -> dict[str, Any]:
         y += 8
     datasource_var = {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
                       "current": {}, "hide": 0, "refresh": 1}
+    model_var = {"name": "model_name", "label": "Model", "type": "query", "datasource": DATASOURCE,
+                 "query": {"query": "label_values(crescent_gateway_requests_total, model_name)", "refId": "models"},
+                 "definition": "label_values(crescent_gateway_requests_total, model_name)", "includeAll": True,
+                 "multi": True, "allValue": ".*", "current": {"text": "All", "value": "$__all"}, "hide": 0,
+                 "refresh": 2, "sort": 1}
     return {
         "uid": "crescent-overview", "title": "crescent", "tags": ["crescent", "llm-serving"],
         "description": "crescent serving: requests, SLOs, workers, KV cache and store, health.",
         "editable": True, "schemaVersion": 39, "version": 1, "refresh": "10s", "timezone": "utc",
         "time": {"from": "now-1h", "to": "now"}, "graphTooltip": 1,
-        "templating": {"list": [datasource_var]}, "annotations": {"list": []}, "links": [],
+        "templating": {"list": [datasource_var, model_var]}, "annotations": {"list": []}, "links": [],
         "panels": panels,
     }
 

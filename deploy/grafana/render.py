@@ -11,7 +11,7 @@
      .venv/bin/python deploy/grafana/render.py plot --prometheus http://127.0.0.1:9090 --start T0 --end T1 --out ...
 
 Each panel's PromQL runs as Prometheus evaluates it for Grafana: `$__rate_interval` is four scrape intervals and
-the step is one scrape interval.
+the step is one scrape interval; the model variable is at its default, All.
 """
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ def panel_series(panel: dict[str, Any], url: str, start: float, end: float, inte
     out: dict[str, Points] = {}
     for target in panel.get("targets", []):
         expr = target["expr"].replace("$__rate_interval", f"{max(1, round(4 * interval_s))}s")
+        expr = expr.replace("$model_name", ".*")  # the model variable at its default, All
         for labels, points in query_range(url, expr, start, end, interval_s):
             out.setdefault(legend(target.get("legendFormat", ""), labels), []).extend(points)
     return out

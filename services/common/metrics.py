@@ -1,6 +1,6 @@
 """Every Prometheus metric crescent exports, in one place (names: ``crescent_<service>_<what>_<unit>``).
 
-Counters end in ``_total``; labels are bounded (outcome, reason, tier, role, instance). Services import the objects
+Counters end in ``_total``; labels are bounded (model_name, outcome, reason, tier, role, instance). Services import the objects
 from here and never create metrics of their own, so dashboards, alerts and tests have one list to check against.
 Each process exposes the default registry (``/metrics`` on HTTP services; ``--metrics-port`` on gRPC services).
 """
@@ -17,29 +17,32 @@ TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0
 TRANSFER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 # --- gateway (OpenAI API) -------------------------------------------------------------------------------------
+# Every request metric carries `model_name`: the served model id (one per gateway, so the label stays bounded; the
+# name a client sent is never a label value).
 GATEWAY_REQUESTS = Counter("crescent_gateway_requests_total", "Finished HTTP API requests by outcome.",
-                           ["endpoint", "outcome"])  # outcome: ok, rejected, bad_request, not_found, error, cancelled
+                           ["model_name", "endpoint", "outcome"])  # outcome: ok, rejected, bad_request, not_found, error, cancelled
 GATEWAY_REJECTIONS = Counter("crescent_gateway_rejections_total", "Requests the conductor rejected, by reason.",
-                             ["reason"])
+                             ["model_name", "reason"])
 GATEWAY_RESUMES = Counter("crescent_gateway_stream_resumes_total",
-                          "Choices placed again after their prefill or decode worker died mid-request.")
+                          "Choices placed again after their prefill or decode worker died mid-request.", ["model_name"])
 GATEWAY_TTFT = Histogram("crescent_gateway_time_to_first_token_seconds", "Time from request to first token.",
-                         buckets=LATENCY_BUCKETS)
+                         ["model_name"], buckets=LATENCY_BUCKETS)
 GATEWAY_ITL = Histogram("crescent_gateway_inter_token_latency_seconds", "Gap between consecutive streamed tokens.",
-                        buckets=TOKEN_GAP_BUCKETS)
+                        ["model_name"], buckets=TOKEN_GAP_BUCKETS)
 GATEWAY_E2E = Histogram("crescent_gateway_e2e_request_latency_seconds", "Whole-request latency.",
-                        buckets=LATENCY_BUCKETS)
-GATEWAY_PROMPT_TOKENS = Counter("crescent_gateway_prompt_tokens_total", "Prompt tokens of admitted requests.")
-GATEWAY_GENERATION_TOKENS = Counter("crescent_gateway_generation_tokens_total", "Tokens generated.")
-GATEWAY_IN_FLIGHT = Gauge("crescent_gateway_requests_in_flight", "Requests being served now.")
+                        ["model_name"], buckets=LATENCY_BUCKETS)
+GATEWAY_PROMPT_TOKENS = Counter("crescent_gateway_prompt_tokens_total", "Prompt tokens of admitted requests.",
+                                ["model_name"])
+GATEWAY_GENERATION_TOKENS = Counter("crescent_gateway_generation_tokens_total", "Tokens generated.", ["model_name"])
+GATEWAY_IN_FLIGHT = Gauge("crescent_gateway_requests_in_flight", "Requests being served now.", ["model_name"])
 
 # vLLM-compatible aliases, so dashboards written for vLLM work unchanged.
 VLLM_TTFT = Histogram("vllm:time_to_first_token_seconds", "Time to first token (vLLM-compatible alias).",
-                      buckets=LATENCY_BUCKETS)
+                      ["model_name"], buckets=LATENCY_BUCKETS)
 VLLM_ITL = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency (vLLM-compatible alias).",
-                     buckets=TOKEN_GAP_BUCKETS)
+                     ["model_name"], buckets=TOKEN_GAP_BUCKETS)
 VLLM_E2E = Histogram("vllm:e2e_request_latency_seconds", "End-to-end latency (vLLM-compatible alias).",
-                     buckets=LATENCY_BUCKETS)
+                     ["model_name"], buckets=LATENCY_BUCKETS)
 # Workers export vLLM's engine gauges and counters under vLLM's names and `model_name` label, so vLLM dashboards and
 # the Gateway API Inference Extension's endpoint picker (llm-d) read crescent workers unchanged.
 VLLM_RUNNING = Gauge("vllm:num_requests_running", "Requests in the running batch (vLLM-compatible).", ["model_name"])

@@ -1,5 +1,6 @@
-"""The decode load forecast for the moment a request would reach decode (Mooncake §7), shared by the
-``predicted`` early rejection and the ``mooncake`` policy's choice of decode instance.
+"""The decode load forecast for the moment a request would reach decode (Mooncake §7), used by the
+``predicted`` early rejection (the ``mooncake`` policy picks decode on current load: see
+policies.pick_decode_with_triage for why).
 
 Anchored on the decode instance's last report (what is really running), moved forward by the ledger: minus what
 finished since, plus admitted requests landing before then, minus requests all but sure to be done (ledger.py).

@@ -97,7 +97,7 @@ class Conductor:
         return ClusterView(prefill=prefill, decode=decode,
                            kvstore=live(Role.KVSTORE),
                            index=self.index, cost=self.cost, ledger=self.ledger, now=now, seq=self._seq,
-                           kvcache_balancing_threshold=self.kvcache_balancing_threshold)
+                           kvcache_balancing_threshold=self.kvcache_balancing_threshold, slo=self.slo)
 
     def place(self, req: Request, now: float) -> Placement | Rejection:
         # One placement at a time: reservations must see the previous decision, or a burst lands on one instance.

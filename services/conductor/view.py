@@ -3,9 +3,9 @@ model and the ledger, which themselves build on cluster.py's types)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from crescent.services.conductor.cluster import InstanceState, PrefixIndex
+from crescent.services.conductor.cluster import InstanceState, PrefixIndex, Slo
 from crescent.services.conductor.cost_model import CostModel
 from crescent.services.conductor.ledger import Ledger
 
@@ -23,3 +23,6 @@ class ClusterView:
     now: float
     seq: int = 0  # placements made so far (round robin's cursor)
     kvcache_balancing_threshold: float = 2.0  # fetch a remote prefix only when it is this many times longer
+    # The SLOs admission will hold the placement to: with them a policy can tell a decode instance that keeps the
+    # TBT SLO from one that cannot (mooncake's triage).
+    slo: Slo = field(default_factory=Slo)

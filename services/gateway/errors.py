@@ -104,15 +104,16 @@ _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 _OUTCOMES = {400: "bad_request", 404: "not_found", 413: "bad_request", 429: "rejected", 503: "rejected"}
 
 
-def count_outcome(path: str, status: int) -> None:
+def count_outcome(path: str, status: int, model_name: str) -> None:
     """Count a failed API request under its endpoint (others, like /health, are not counted)."""
     endpoint = _ENDPOINTS.get(path)
     if endpoint is not None:
-        GATEWAY_REQUESTS.labels(endpoint=endpoint, outcome=_OUTCOMES.get(status, "error")).inc()
+        GATEWAY_REQUESTS.labels(model_name=model_name, endpoint=endpoint,
+                                outcome=_OUTCOMES.get(status, "error")).inc()
 
 
 def _count(request: Request, status: int) -> None:
-    count_outcome(request.url.path, status)
+    count_outcome(request.url.path, status, request.app.state.gateway.model_id)
 
 
 def install_error_handlers(app: FastAPI) -> None:

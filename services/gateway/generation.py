@@ -71,6 +71,8 @@ class Run:
         """Prefix-block hashes of a token list (for a resumed choice's longer prompt); None: never resume."""
         self.resume_timeout_s = resume_timeout_s
         """How long a choice whose worker died may wait for a new placement (0: it fails with the worker)."""
+        self.model_name = subs[0].model_id if subs else ""
+        """The served model: the metrics' model_name label."""
 
     async def place_all(self, max_tokens: int) -> None:
         """Admit every choice or none: on a rejection, the admitted ones are finished at once."""
@@ -80,10 +82,10 @@ class Run:
             await self._finish_all()
             for err in errors:
                 if isinstance(err, ApiError) and err.status == 429:
-                    m.GATEWAY_REJECTIONS.labels(reason=err.code or "rejected").inc()
+                    m.GATEWAY_REJECTIONS.labels(model_name=self.model_name, reason=err.code or "rejected").inc()
             raise errors[0]
         for sub in self.subs:
-            m.GATEWAY_PROMPT_TOKENS.inc(len(sub.prompt_ids))
+            m.GATEWAY_PROMPT_TOKENS.labels(model_name=self.model_name).inc(len(sub.prompt_ids))
 
     async def deltas(self) -> AsyncIterator[Delta]:
         queue: asyncio.Queue = asyncio.Queue()
@@ -157,7 +159,7 @@ class Run:
         resumed = replace(original, request_id=f"{original.request_id}~{n}", prompt_ids=prompt,
                           block_hashes=self.hasher(prompt), sampling=sampling, placement=None,
                           avoid=[*sub.avoid, lost.instance_id], started=original.started)
-        m.GATEWAY_RESUMES.inc()
+        m.GATEWAY_RESUMES.labels(model_name=self.model_name).inc()
         log.warning("%s: %s; resuming after %d tokens as %s", original.request_id, lost.message, len(sent),
                     resumed.request_id)
         while True:
@@ -178,18 +180,18 @@ class Run:
         if state.first_at is None:
             state.first_at = now
             ttft = now - self.subs[delta.index].started
-            m.GATEWAY_TTFT.observe(ttft)
-            m.VLLM_TTFT.observe(ttft)
+            m.GATEWAY_TTFT.labels(model_name=self.model_name).observe(ttft)
+            m.VLLM_TTFT.labels(model_name=self.model_name).observe(ttft)
         elif delta.token_ids and state.last_at is not None:
             gap = (now - state.last_at) / len(delta.token_ids)
-            m.GATEWAY_ITL.observe(gap)
-            m.VLLM_ITL.observe(gap)
+            m.GATEWAY_ITL.labels(model_name=self.model_name).observe(gap)
+            m.VLLM_ITL.labels(model_name=self.model_name).observe(gap)
         state.last_at = now
         state.text_parts.append(delta.text)
         state.token_ids.extend(delta.token_ids)
         state.logprobs.extend(delta.logprobs)
         state.finish_reason = delta.finish_reason or state.finish_reason
-        m.GATEWAY_GENERATION_TOKENS.inc(len(delta.token_ids))
+        m.GATEWAY_GENERATION_TOKENS.labels(model_name=self.model_name).inc(len(delta.token_ids))
 
     async def _finish_all(self) -> None:
         calls = []
@@ -200,5 +202,5 @@ class Run:
             calls.append(self.client.finish(sub, ok=self.ok, completion_tokens=n, ttft_s=ttft, mean_tbt_s=tbt))
         await asyncio.gather(*calls, return_exceptions=True)
         e2e = time.monotonic() - self.started
-        m.GATEWAY_E2E.observe(e2e)
-        m.VLLM_E2E.observe(e2e)
+        m.GATEWAY_E2E.labels(model_name=self.model_name).observe(e2e)
+        m.VLLM_E2E.labels(model_name=self.model_name).observe(e2e)

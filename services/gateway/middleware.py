@@ -30,8 +30,9 @@ def _digest(key: str | bytes) -> bytes:
 class RequestContext:
     """Request id (the client's ``X-Request-Id`` or a new one, echoed back), API key check, in-flight gauge."""
 
-    def __init__(self, app: ASGIApp, api_keys: list[str]):
+    def __init__(self, app: ASGIApp, api_keys: list[str], model_name: str):
         self.app = app
+        self.model_name = model_name  # the served model: the metrics' model_name label
         # Compare fixed-size digests in constant time: neither a key's bytes nor its length leak through timing.
         self.key_digests = [_digest(k) for k in api_keys]
 
@@ -66,7 +67,8 @@ class RequestContext:
             await ApiError(401, "invalid or missing API key", code="invalid_api_key").response()(
                 scope, receive, send_with_id)
             return
-        m.GATEWAY_IN_FLIGHT.inc()
+        in_flight = m.GATEWAY_IN_FLIGHT.labels(model_name=self.model_name)
+        in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
@@ -75,10 +77,10 @@ class RequestContext:
             # Answered here, not by Starlette's last-resort handler: that one re-raises after its 500, and the
             # server then closes the client's keep-alive connection. A bug costs one request, not a connection.
             log.exception("unhandled error on %s", scope["path"])
-            count_outcome(scope["path"], 500)
+            count_outcome(scope["path"], 500, self.model_name)
             await ApiError(500, f"internal error: {type(exc).__name__}").response()(scope, receive, send_with_id)
         finally:
-            m.GATEWAY_IN_FLIGHT.dec()
+            in_flight.dec()
 
 
 class BodyLimit:
@@ -87,9 +89,10 @@ class BodyLimit:
     replayed to the app: raising from ``receive`` instead would reach FastAPI's body parser, which turns any error
     into a 400. After a 413 the server discards the rest of the body and keeps the connection alive."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, model_name: str):
         self.app = app
         self.max_bytes = max_bytes
+        self.model_name = model_name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -124,7 +127,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        count_outcome(scope["path"], 413)
+        count_outcome(scope["path"], 413, self.model_name)
         err = ApiError(413, f"the request body is larger than this server's limit of {self.max_bytes} bytes",
                        code="request_too_large")
         await err.response()(scope, receive, send)

@@ -8,6 +8,7 @@ from crescent.proto.v1 import common_pb2
 from crescent.services.gateway.generation import ChoiceState, Delta
 from crescent.services.gateway.schema import envelope
 from crescent.services.gateway.tokens import PromptEncoder
+from crescent.services.gateway.tool_parsers import CallDelta, HermesParser, merge
 from crescent.services.gateway.tools import ToolPlan, new_call_id
 
 MIN_LOGPROB = -9999.0
@@ -29,20 +30,35 @@ class ChatRenderer:
         """Set when the output is a tool call: rendered as tool_calls, not content."""
         self._call_ids: dict[int, str] = {}
         self._buffered: dict[int, str] = {}  # tool_choice "required": the name is known once the call is whole
+        self._parsers: dict[int, HermesParser] = {}  # tool_choice "auto": one per choice
 
     def opening(self, n: int) -> list[dict]:
         """The first chunk of each choice carries the role (as OpenAI's streams do)."""
-        content = None if self.tools else ""
+        content = None if self.tools and self.tools.forced else ""
         return [{"index": i, "delta": {"role": "assistant", "content": content}, "logprobs": None,
                  "finish_reason": None} for i in range(n)]
 
     def chunk_choice(self, delta: Delta) -> dict:
         body: dict = {"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
                       "logprobs": self._logprobs(delta.logprobs), "finish_reason": delta.finish_reason}
-        if self.tools:
+        if self.tools and not self.tools.forced:
+            body["delta"], body["finish_reason"] = self._auto_delta(delta)
+        elif self.tools:
             body["delta"] = self._tool_delta(delta)
             body["finish_reason"] = _call_finish(delta.finish_reason)
         return body
+
+    def _auto_delta(self, delta: Delta) -> tuple[dict, str | None]:
+        """tool_choice "auto": content as it comes, each call's name once whole, then its argument fragments."""
+        parser = self._parsers.setdefault(delta.index, self.tools.new_parser())
+        parsed = parser.feed(delta.text)
+        if delta.finish_reason is not None:
+            parsed = merge([parsed, parser.finish()])
+        out: dict = {"content": parsed.content} if parsed.content else {}
+        if parsed.calls:
+            out["tool_calls"] = [_auto_call(c) for c in parsed.calls]
+        return out, _call_finish(delta.finish_reason) if parser.called else delta.finish_reason
+
 
     def _tool_delta(self, delta: Delta) -> dict:
         """Named function: its arguments stream as they come. "required": one delta with the whole call at the
@@ -65,7 +81,16 @@ class ChatRenderer:
     def full_choice(self, state: ChoiceState) -> dict:
         message: dict = {"role": "assistant", "content": state.text}
         finish = state.finish_reason
-        if self.tools:
+        if self.tools and not self.tools.forced:
+            content, calls = self.tools.new_parser().parse_all(state.text)
+            if calls:
+                message = {"role": "assistant", "content": content or None, "tool_calls": [
+                    {"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in calls]}
+                finish = _call_finish(finish)
+            else:
+                message["content"] = content
+        elif self.tools:
             name, args = self.tools.call_of(state.text)
             call = self._call(state.index, name, args)
             del call["index"]
@@ -129,6 +154,14 @@ class CompletionRenderer:
             offsets.append(self._offsets[index])
             self._offsets[index] += len(text)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _auto_call(call: CallDelta) -> dict:
+    """A streamed call delta: the first of a call has its id, type and name; later ones add arguments."""
+    if call.name is None:
+        return {"index": call.index, "function": {"arguments": call.arguments}}
+    return {"index": call.index, "id": new_call_id(), "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def _call_finish(reason: str | None) -> str | None:

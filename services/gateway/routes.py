@@ -34,7 +34,7 @@ from crescent.services.gateway.schema import (
 )
 from crescent.services.gateway.settings import GatewaySettings
 from crescent.services.gateway.tokens import PromptEncoder
-from crescent.services.gateway.tools import plan_tools, template_messages
+from crescent.services.gateway.tools import auto_parser, plan_tools, template_messages
 from crescent.services.gateway.unsupported import check_supported
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -92,12 +92,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     _check_common(st, body)
     if body.top_logprobs is not None and not body.logprobs:  # else the client waits for logprobs that never come
         raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    plan = plan_tools(body)
-    if plan is not None and plan.calls and body.response_format is not None and body.response_format.type != "text":
+    encoder = st.encoder  # the model watch may swap it meanwhile: one request, one tokenizer
+    plan = plan_tools(body, auto_parser(st.settings.tool_call_parser, encoder.tool_template))
+    if plan is not None and plan.forced and body.response_format is not None and body.response_format.type != "text":
         raise ApiError(400, "response_format and a required or named tool_choice both constrain the output; "
                             "send one", param="response_format")
     requested = body.requested_max_tokens()
-    encoder = st.encoder  # the model watch may swap it meanwhile: one request, one tokenizer
     native = encoder.template_knows_tools
     messages = template_messages(body.messages, plan, native)
     tools = [{"type": "function", "function": t} for t in plan.tools] if plan is not None and native else None
@@ -193,7 +193,7 @@ async def _serve(st: GatewayState, request: Request, body: _SamplingFields, prom
                                  headers={"Cache-Control": "no-cache"})
     async for _ in run.deltas():  # errors are counted by the error handler
         pass
-    m.GATEWAY_REQUESTS.labels(endpoint=endpoint, outcome="ok").inc()
+    m.GATEWAY_REQUESTS.labels(model_name=st.model_id, endpoint=endpoint, outcome="ok").inc()
     result = envelope(renderer.object_full, response_id, st.model_id,
                       [renderer.full_choice(s) for s in run.states], created)
     result["usage"] = _usage(run, body.n)
@@ -231,4 +231,4 @@ async def _stream(run: Run, renderer, response_id: str, model: str, created: int
         yield sse.DONE
         outcome = "ok"
     finally:
-        m.GATEWAY_REQUESTS.labels(endpoint=endpoint, outcome=outcome).inc()
+        m.GATEWAY_REQUESTS.labels(model_name=model, endpoint=endpoint, outcome=outcome).inc()

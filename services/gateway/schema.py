@@ -147,7 +147,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Int | None = Field(None, ge=1, le=MAX_UINT32)
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    parallel_tool_calls: bool | None = None  # no tools, so nothing to run in parallel
+    parallel_tool_calls: bool | None = None  # false: tool_choice "auto" keeps only the first call
     prediction: dict[str, Any] | None = None  # predicted outputs change latency, never the output
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None

@@ -84,8 +84,8 @@ def create_app(settings: GatewaySettings, encoder: PromptEncoder | None = None,
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     # add_middleware wraps: the last added runs first (see middleware.py for the order and why)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestContext, api_keys=api_keys)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, model_name=model_id)
+    app.add_middleware(RequestContext, api_keys=api_keys, model_name=model_id)
     if settings.cors_allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from crescent.services.gateway.tool_parsers import PARSERS
 from crescent.settings import CrescentSettings
 
 
@@ -35,6 +36,11 @@ class GatewaySettings(CrescentSettings):
                                                                             "headers.")
     cors_allow_credentials: bool = Field(False, description="Whether CORS lets browsers send cookies and "
                                                             "Authorization (not with origin `*`).")
+    tool_call_parser: str = Field(
+        "", description="How tool_choice 'auto' finds tool calls in the model's text (as vLLM's "
+        "--tool-call-parser): 'hermes' (<tool_call>{json}</tool_call>: Hermes, Qwen2, SmolLM2); 'none' = 'auto' is "
+        "refused (400); '' = from the chat template (hermes when it writes <tool_call> tags or does not know tools, "
+        "else none).")
     request_timeout_s: float = Field(600.0, description="Upper bound on one request, prefill + decode.", gt=0)
     resume_timeout_s: float = Field(
         60.0, description="A request whose prefill or decode worker dies resumes on another (or the restarted) "
@@ -44,6 +50,13 @@ class GatewaySettings(CrescentSettings):
     model_watch_interval_s: float = Field(5.0, ge=0, description="When model is a published model directory: how "
                                                                  "often to look for a newer version to hash "
                                                                  "prompts under (0 = never).")
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, value: str) -> str:
+        if value not in ("", "none", *PARSERS):
+            raise ValueError(f"tool_call_parser {value!r} is not one of: '', none, {', '.join(sorted(PARSERS))}")
+        return value
 
     def api_keys(self) -> list[str]:
         """Every accepted key: ``api_key`` and the lines of ``api_key_file`` (blank lines and ``#`` comments

@@ -33,9 +33,14 @@ class PromptEncoder:
         """Longer text cannot fit the context whatever its tokens: refused without spending seconds on it."""
 
     @property
+    def tool_template(self) -> str | None:
+        """The chat template a request with tools renders through: a named "tool_use" one, else the template."""
+        return getattr(self.tokenizer, "tool_template", None) or getattr(self.tokenizer, "chat_template", None)
+
+    @property
     def template_knows_tools(self) -> bool:
         """The chat template renders ``tools`` and ``tool_calls`` itself (else tools.py writes them as text)."""
-        return "tools" in (getattr(self.tokenizer, "chat_template", None) or "")
+        return "tools" in (self.tool_template or "")
 
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True,
                  tools: list[dict] | None = None) -> list[int]:

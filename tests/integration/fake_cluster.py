@@ -41,9 +41,7 @@ class CharTokenizer:
 class FakeCluster(conductor_pb2_grpc.ConductorServicer, prefill_pb2_grpc.PrefillServicer,
                   decode_pb2_grpc.DecodeServicer):
     def __init__(self) -> None:
-        self.reject_reason = ""
-        self.fail_decode_after = -1   # >= 0: abort the stream with an error after this many tokens
-        self.token_delay_s = 0.0
+        self.reset()
         self.finished: list[conductor_pb2.FinishRequest] = []
         self.placed: list[conductor_pb2.PlaceRequest] = []
         self.cancelled: list[str] = []
@@ -56,6 +54,13 @@ class FakeCluster(conductor_pb2_grpc.ConductorServicer, prefill_pb2_grpc.Prefill
         decode_pb2_grpc.add_DecodeServicer_to_server(self, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.address = f"127.0.0.1:{self.port}"
+
+    def reset(self) -> None:
+        """The behaviour knobs back to their defaults (tests that change one call this after)."""
+        self.reject_reason = ""
+        self.fail_decode_after = -1   # >= 0: abort the stream with an error after this many tokens
+        self.token_delay_s = 0.0
+        self.reply = REPLY  # what decode "generates", one character per token
 
     def start(self) -> FakeCluster:
         self.server.start()
@@ -89,7 +94,7 @@ class FakeCluster(conductor_pb2_grpc.ConductorServicer, prefill_pb2_grpc.Prefill
         with self.lock:
             self.seeds.append(request.sampling.seed if request.sampling.HasField("seed") else -1)
             self.sampling.append(request.sampling)
-        first = ord(REPLY[0])
+        first = ord(self.reply[0])
         return prefill_pb2.PrefillResponse(first_token_id=first, computed_tokens=len(request.prompt_token_ids),
                                            first_logprob=_logprob(first, request.sampling.logprobs))
 
@@ -97,8 +102,9 @@ class FakeCluster(conductor_pb2_grpc.ConductorServicer, prefill_pb2_grpc.Prefill
     def Generate(self, request, context):
         params = request.sampling
         n_prompt = len(request.prompt_token_ids)
-        text, reason = REPLY[: params.max_tokens], common_pb2.FINISH_REASON_LENGTH
-        if params.max_tokens >= len(REPLY):
+        reply = self.reply
+        text, reason = reply[: params.max_tokens], common_pb2.FINISH_REASON_LENGTH
+        if params.max_tokens >= len(reply):
             reason = common_pb2.FINISH_REASON_STOP
         for stop in params.stop:
             cut = text.find(stop)

@@ -27,11 +27,13 @@ def tiny_model(root: Path) -> Path:
 
 
 def launch(tmp: Path, *, decode: int = 1, conductor: dict | None = None, gateway: dict | None = None,
-           timeout_s: float = 180.0, mode: str = "disagg", workers: int = 1) -> tuple[ClusterPlan, ServiceGroup]:
-    """``mode``: "disagg" (a prefill and ``decode`` decode workers) or "agg" (``workers`` aggregated workers)."""
+           timeout_s: float = 180.0, mode: str = "disagg", workers: int = 1,
+           model: Path | None = None) -> tuple[ClusterPlan, ServiceGroup]:
+    """``mode``: "disagg" (a prefill and ``decode`` decode workers) or "agg" (``workers`` aggregated workers).
+    ``model``: a model folder to serve instead of the tiny random one (served as TINY_NAME all the same)."""
     from crescent.services.common.launcher import free_port
 
-    model = tiny_model(tmp)
+    model = model or tiny_model(tmp)
     extra = {"prefill": WORKER_FLAGS, "decode": WORKER_FLAGS, "worker": WORKER_FLAGS,
              "conductor": {"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 2.0, "rejection": "none",
                            **(conductor or {})},

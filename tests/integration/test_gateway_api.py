@@ -2,58 +2,29 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from crescent.services.common.launcher import free_port
 from crescent.services.gateway.server import create_app
 from crescent.services.gateway.settings import GatewaySettings
 from crescent.services.gateway.tokens import PromptEncoder
-from tests.integration.fake_cluster import REPLY, CharTokenizer, FakeCluster
-
-MODEL = "fake-model"
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    fake = FakeCluster().start()
-    yield fake
-    fake.stop()
+from tests.integration.fake_cluster import REPLY, CharTokenizer
+from tests.integration.gateway_server import MODEL, running_gateway
 
 
 @pytest.fixture(scope="module")
-def base_url(cluster):
-    port = free_port()
-    settings = GatewaySettings(port=port, conductor_address=cluster.address, served_model_name=MODEL,
-                               ready_poll_s=0.1, request_timeout_s=20, api_key="")
-    app = create_app(settings, encoder=PromptEncoder(CharTokenizer(), max_model_len=200))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    else:
-        pytest.fail("gateway did not become ready")
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+def base_url(fake_cluster):
+    with running_gateway(fake_cluster.address, CharTokenizer(), api_key="") as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
-def _reset(cluster):
-    cluster.reject_reason, cluster.fail_decode_after, cluster.token_delay_s = "", -1, 0.0
+def _reset(fake_cluster):
+    fake_cluster.reset()
 
 
 @pytest.fixture()
@@ -65,16 +36,16 @@ def test_models(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
-def test_chat_non_streaming_usage_and_finish(client, cluster):
-    before = len(cluster.finished)
+def test_chat_non_streaming_usage_and_finish(client, fake_cluster):
+    before = len(fake_cluster.finished)
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
     assert reply.choices[0].message.content == REPLY[:5]
     assert reply.choices[0].finish_reason == "length"
     prompt_len = len("<user>hi\n<assistant>")
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_len, 5)
-    assert len(cluster.finished) == before + 1 and cluster.finished[-1].ok
-    assert cluster.placed[-1].prompt_tokens == prompt_len and cluster.placed[-1].max_tokens == 5
-    assert cluster.placed[-1].block_size == 16 and len(cluster.placed[-1].block_hashes) == prompt_len // 16
+    assert len(fake_cluster.finished) == before + 1 and fake_cluster.finished[-1].ok
+    assert fake_cluster.placed[-1].prompt_tokens == prompt_len and fake_cluster.placed[-1].max_tokens == 5
+    assert fake_cluster.placed[-1].block_size == 16 and len(fake_cluster.placed[-1].block_hashes) == prompt_len // 16
 
 
 def test_chat_streaming_role_first_then_one_finish_and_usage(client):
@@ -98,11 +69,11 @@ def test_stop_and_max_tokens_one(client):
     assert one.choices[0].text == "H" and one.choices[0].finish_reason == "length"
 
 
-def test_n_two_seeded_choices_get_distinct_seeds(client, cluster):
+def test_n_two_seeded_choices_get_distinct_seeds(client, fake_cluster):
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2, seed=7,
                                            max_tokens=3)
     assert sorted(c.index for c in reply.choices) == [0, 1]
-    assert sorted(cluster.seeds[-2:]) == [7, 8]
+    assert sorted(fake_cluster.seeds[-2:]) == [7, 8]
     assert reply.usage.prompt_tokens == len("<user>x\n<assistant>") and reply.usage.completion_tokens == 6
 
 
@@ -131,8 +102,8 @@ def test_errors_are_openai_json(client, base_url):
     assert not_json.status_code == 400 and "error" in not_json.json()
 
 
-def test_rejection_is_429_with_retry_after(client, base_url, cluster):
-    cluster.reject_reason = "queue_full"
+def test_rejection_is_429_with_retry_after(client, base_url, fake_cluster):
+    fake_cluster.reject_reason = "queue_full"
     r = httpx.post(base_url + "/v1/chat/completions", json={"model": MODEL, "stream": True,
                                                             "messages": [{"role": "user", "content": "x"}]}, timeout=5)
     assert r.status_code == 429 and r.headers["retry-after"] == "2"
@@ -145,35 +116,50 @@ def test_request_id_echoed_or_generated(base_url):
     assert len(httpx.get(base_url + "/v1/models", timeout=5).headers["x-request-id"]) == 32
 
 
-def test_failure_mid_stream_is_an_sse_error_then_done(base_url, cluster):
-    cluster.fail_decode_after = 3
+def test_failure_mid_stream_is_an_sse_error_then_done(base_url, fake_cluster):
+    fake_cluster.fail_decode_after = 3
     body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}], "max_tokens": 20}
     with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=10) as r:
         lines = [line for line in r.iter_lines() if line]
     assert r.status_code == 200
     assert '"error"' in lines[-2] and lines[-1] == "data: [DONE]"
-    assert not cluster.finished[-1].ok
+    assert not fake_cluster.finished[-1].ok
 
 
-def test_client_disconnect_cancels_decode_and_finishes(base_url, cluster):
-    cluster.token_delay_s = 0.05
-    before = len(cluster.finished)
+def test_client_disconnect_cancels_decode_and_finishes(base_url, fake_cluster):
+    fake_cluster.token_delay_s = 0.05
+    before = len(fake_cluster.finished)
     body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}], "max_tokens": 30}
     with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=10) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i >= 4:
                 break  # leaving the block closes the connection mid-stream
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and (len(cluster.finished) == before or not cluster.cancelled):
+    while time.monotonic() < deadline and (len(fake_cluster.finished) == before or not fake_cluster.cancelled):
         time.sleep(0.05)
-    assert cluster.cancelled, "decode stream was not cancelled"
-    assert len(cluster.finished) == before + 1 and not cluster.finished[-1].ok
+    assert fake_cluster.cancelled, "decode stream was not cancelled"
+    assert len(fake_cluster.finished) == before + 1 and not fake_cluster.finished[-1].ok
 
 
-def test_metrics_exposes_gateway_and_vllm_names(base_url):
+REQUEST_METRICS = ("crescent_gateway_requests_total", "crescent_gateway_prompt_tokens_total",
+                   "crescent_gateway_generation_tokens_total", "crescent_gateway_requests_in_flight",
+                   "crescent_gateway_time_to_first_token_seconds_count", "crescent_gateway_inter_token_latency_seconds_count",
+                   "crescent_gateway_e2e_request_latency_seconds_count", "vllm:time_to_first_token_seconds_count",
+                   "vllm:inter_token_latency_seconds_count", "vllm:e2e_request_latency_seconds_count")
+
+
+def test_every_request_metric_carries_the_served_model_name(client, base_url):
+    """Under the gateway's names and vLLM's, every request metric has model_name: the served model, never what a
+    client sent (a 404 for another name is counted under the served one: the label stays bounded)."""
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="someone-else", messages=[{"role": "user", "content": "hi"}])
     text = httpx.get(base_url + "/metrics", timeout=5).text
-    assert "crescent_gateway_time_to_first_token_seconds_count" in text
-    assert "vllm:time_to_first_token_seconds_count" in text
+    for name in REQUEST_METRICS:
+        samples = [line for line in text.splitlines() if line.startswith(name + "{")]
+        assert samples, name
+        assert all(f'model_name="{MODEL}"' in line for line in samples), samples
+    assert 'outcome="not_found"' in text and "someone-else" not in text
 
 
 def test_bad_token_ids_are_400(client):
@@ -188,8 +174,8 @@ def _app(**overrides):
     return TestClient(create_app(settings, encoder=PromptEncoder(CharTokenizer(), max_model_len=200)))
 
 
-def test_api_key_is_required_when_set(cluster):
-    with _app(api_key="sekret", conductor_address=cluster.address) as http:
+def test_api_key_is_required_when_set(fake_cluster):
+    with _app(api_key="sekret", conductor_address=fake_cluster.address) as http:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
         denied = http.post("/v1/chat/completions", json=body)
         assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.integration.fake_cluster import REPLY, CharTokenizer, FakeCluster
+from tests.integration.fake_cluster import REPLY, CharTokenizer
 from tests.integration.gateway_server import MODEL, running_gateway
 
 BODY_LIMIT = 64 << 10
@@ -22,15 +22,8 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    fake = FakeCluster().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture(scope="module")
-def base_url(cluster):
-    with running_gateway(cluster.address, CharTokenizer(), max_body_bytes=BODY_LIMIT, max_prompts=4,
+def base_url(fake_cluster):
+    with running_gateway(fake_cluster.address, CharTokenizer(), max_body_bytes=BODY_LIMIT, max_prompts=4,
                          cors_allow_origins=[ORIGIN]) as url:
         yield url
 
@@ -78,11 +71,11 @@ def test_non_finite_floats_are_400(http, raw):
     _still_open(http)
 
 
-def test_largest_top_k_and_negative_seed_are_served(http, cluster):
+def test_largest_top_k_and_negative_seed_are_served(http, fake_cluster):
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "ab", "max_tokens": 2, "top_k": 2**31 - 1,
                                            "seed": -1})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == REPLY[:2]
-    assert cluster.seeds[-1] == 2**64 - 1
+    assert fake_cluster.seeds[-1] == 2**64 - 1
 
 
 @pytest.mark.parametrize("raw", [
@@ -118,11 +111,10 @@ def test_unknown_field_is_400_naming_it(http):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("best_of", 2), ("min_p", 0.1), ("echo", True),
-    ("guided_regex", "a+"), ("use_beam_search", True), ("skip_special_tokens", False)], ids=str)
+    ("best_of", 2), ("min_p", 0.1), ("echo", True), ("guided_regex", "a+"), ("use_beam_search", True),
+    ("skip_special_tokens", False)], ids=str)
 def test_output_changing_fields_are_refused_by_name(http, field, value):
-    param = "tool_choice" if field == "tools" else field  # tools alone mean tool_choice "auto": not served
-    _error(http.post("/v1/chat/completions", json={**CHAT, field: value}), 400, param=param,
+    _error(http.post("/v1/chat/completions", json={**CHAT, field: value}), 400, param=field,
            code="unsupported_parameter")
 
 
@@ -154,11 +146,11 @@ def test_bad_tool_requests_are_400_naming_the_field(http, extra, param):
     _error(http.post("/v1/chat/completions", json={**CHAT, **extra}), 400, param=param)
 
 
-def test_a_named_tool_choice_sends_its_parameters_as_the_grammar(http, cluster):
+def test_a_named_tool_choice_sends_its_parameters_as_the_grammar(http, fake_cluster):
     body = {**CHAT, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "w"}}}
     r = http.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
-    fmt = json.loads(cluster.sampling[-1].response_format)
+    fmt = json.loads(fake_cluster.sampling[-1].response_format)
     assert fmt == {"type": "json_schema", "schema": TOOL["function"]["parameters"]}
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] in ("tool_calls", "length")
@@ -167,15 +159,15 @@ def test_a_named_tool_choice_sends_its_parameters_as_the_grammar(http, cluster):
     assert choice["message"]["content"] is None
 
 
-def test_penalties_and_logit_bias_reach_the_workers(http, cluster):
+def test_penalties_and_logit_bias_reach_the_workers(http, fake_cluster):
     body = {**CHAT, "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2,
             "logit_bias": {"5": 10, "104": -100}}
     assert http.post("/v1/chat/completions", json=body).status_code == 200
-    sent = cluster.sampling[-1]
+    sent = fake_cluster.sampling[-1]
     assert (sent.presence_penalty, sent.frequency_penalty) == (0.5, -1.0)
     assert sent.repetition_penalty == pytest.approx(1.2) and dict(sent.logit_bias) == {5: 10.0, 104: -100.0}
     assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
-    plain = cluster.sampling[-1]
+    plain = fake_cluster.sampling[-1]
     assert (plain.presence_penalty, plain.repetition_penalty, dict(plain.logit_bias)) == (0.0, 1.0, {})
 
 
@@ -187,17 +179,17 @@ def test_steering_values_out_of_range_are_400_naming_the_field(http, field, valu
     _still_open(http)
 
 
-def test_response_format_travels_as_json_for_the_workers(http, cluster):
+def test_response_format_travels_as_json_for_the_workers(http, fake_cluster):
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     body = {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema,
                                                                              "strict": True}}}
     assert http.post("/v1/chat/completions", json=body).status_code == 200
-    assert json.loads(cluster.sampling[-1].response_format) == {"type": "json_schema", "schema": schema}
+    assert json.loads(fake_cluster.sampling[-1].response_format) == {"type": "json_schema", "schema": schema}
     assert http.post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "json_object"}}).status_code \
         == 200
-    assert json.loads(cluster.sampling[-1].response_format) == {"type": "json_object"}
+    assert json.loads(fake_cluster.sampling[-1].response_format) == {"type": "json_object"}
     assert http.post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "text"}}).status_code == 200
-    assert cluster.sampling[-1].response_format == ""
+    assert fake_cluster.sampling[-1].response_format == ""
 
 
 @pytest.mark.parametrize("json_schema, param", [
@@ -233,11 +225,11 @@ def test_vllm_bench_payloads_are_served(http):
         assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), (path, r.text[:300])
 
 
-def test_ignore_eos_and_min_tokens_reach_the_workers(http, cluster):
+def test_ignore_eos_and_min_tokens_reach_the_workers(http, fake_cluster):
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "ab", "max_tokens": 4, "ignore_eos": True,
                                            "min_tokens": 3})
     assert r.status_code == 200
-    sampling = cluster.sampling[-1]
+    sampling = fake_cluster.sampling[-1]
     assert sampling.ignore_eos and sampling.min_tokens == 3 and sampling.max_tokens == 4
 
 
@@ -246,11 +238,11 @@ def test_over_long_prompt_is_400_context_length_exceeded(http):
     _error(http.post("/v1/chat/completions", json=chat), 400, param="messages", code="context_length_exceeded")
 
 
-def test_prompt_list_is_capped(http, cluster):
-    before = len(cluster.placed)
+def test_prompt_list_is_capped(http, fake_cluster):
+    before = len(fake_cluster.placed)
     _error(http.post("/v1/completions", json={"model": MODEL, "prompt": ["a"] * 5, "max_tokens": 1}), 400,
            param="prompt")
-    assert len(cluster.placed) == before  # refused before any placement
+    assert len(fake_cluster.placed) == before  # refused before any placement
     assert http.post("/v1/completions", json={"model": MODEL, "prompt": ["a"] * 4, "max_tokens": 1}).status_code == 200
 
 
@@ -302,8 +294,8 @@ class SlowTokenizer(CharTokenizer):
         return super().encode(text, add_special_tokens)
 
 
-def test_tokenizing_never_blocks_health(cluster):
-    with running_gateway(cluster.address, SlowTokenizer()) as url:
+def test_tokenizing_never_blocks_health(fake_cluster):
+    with running_gateway(fake_cluster.address, SlowTokenizer()) as url:
         slow = threading.Thread(target=httpx.post, args=(url + "/v1/completions",),
                                 kwargs={"json": {"model": MODEL, "prompt": "slow", "max_tokens": 1}, "timeout": 10})
         slow.start()
@@ -318,10 +310,10 @@ def test_tokenizing_never_blocks_health(cluster):
     assert worst < 0.5, f"/health took {worst:.2f} s while a prompt was tokenized"
 
 
-def test_api_keys_from_a_file_and_the_setting(cluster, tmp_path):
+def test_api_keys_from_a_file_and_the_setting(fake_cluster, tmp_path):
     key_file = tmp_path / "keys"
     key_file.write_text("# rotated monthly\nkey-from-file\n\nnext-key\n")
-    with running_gateway(cluster.address, CharTokenizer(), api_key="key-from-env",
+    with running_gateway(fake_cluster.address, CharTokenizer(), api_key="key-from-env",
                          api_key_file=str(key_file)) as url, httpx.Client(base_url=url, timeout=10) as http:
         for key in ("key-from-env", "key-from-file", "next-key"):
             r = http.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"bearer {key}"})
@@ -357,8 +349,8 @@ class BrokenTokenizer(CharTokenizer):
         return super().encode(text, add_special_tokens)
 
 
-def test_an_unexpected_error_is_a_500_that_keeps_the_connection(cluster):
-    with running_gateway(cluster.address, BrokenTokenizer()) as url, httpx.Client(base_url=url, timeout=10) as http:
+def test_an_unexpected_error_is_a_500_that_keeps_the_connection(fake_cluster):
+    with running_gateway(fake_cluster.address, BrokenTokenizer()) as url, httpx.Client(base_url=url, timeout=10) as http:
         r = http.post("/v1/completions", json={"model": MODEL, "prompt": "boom", "max_tokens": 1})
         err = _error(r, 500)
         assert err["type"] == "server_error" and "RuntimeError" in err["message"]

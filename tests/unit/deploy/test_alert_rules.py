@@ -78,7 +78,7 @@ def test_chart_bucket_lists_are_the_histograms_buckets():
 def fast_burn_case(tmp_path: Path, groups: list[dict], ttft_s: float, fires: bool) -> subprocess.CompletedProcess[str]:
     """promtool test of `groups`: an hour in which every first token took ttft_s seconds pages (fires) or not."""
     (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": groups}))
-    gateway = 'job="gateway", component="gateway", instance="gateway:8000"'
+    gateway = 'model_name="m", job="gateway", component="gateway", instance="gateway:8000"'
     series = [{"series": f'crescent_gateway_time_to_first_token_seconds_bucket{{le="{le}", {gateway}}}',
                "values": "0+100x70" if float(le) >= ttft_s else "0x70"} for le in ("1.0", "2.0", "+Inf")]
     series.append({"series": f"crescent_gateway_time_to_first_token_seconds_count{{{gateway}}}",

@@ -33,9 +33,9 @@ def feed(stop: threading.Event) -> None:
     last = time.monotonic()
     while not stop.wait(0.1):
         now = time.monotonic()
-        m.GATEWAY_REQUESTS.labels(endpoint="/v1/chat/completions", outcome="ok").inc(OK_PER_S * (now - last))
-        m.GATEWAY_REQUESTS.labels(endpoint="/v1/chat/completions", outcome="rejected").inc(REJECTED_PER_S * (now - last))
-        m.GATEWAY_TTFT.observe(0.3)
+        m.GATEWAY_REQUESTS.labels(model_name="m", endpoint="chat", outcome="ok").inc(OK_PER_S * (now - last))
+        m.GATEWAY_REQUESTS.labels(model_name="m", endpoint="chat", outcome="rejected").inc(REJECTED_PER_S * (now - last))
+        m.GATEWAY_TTFT.labels(model_name="m").observe(0.3)
         last = now
 
 

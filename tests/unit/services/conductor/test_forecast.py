@@ -1,4 +1,5 @@
-"""The decode forecast (forecast.py) as mooncake's decode choice, and what the ledger learns from finishes."""
+"""The decode forecast (forecast.py) for the moment a request reaches decode, and what the ledger learns from
+finishes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 import pytest
 
 from crescent.services.conductor.cluster import Role, Slo
+from crescent.services.conductor.forecast import decode_at
 from crescent.services.conductor.ledger import MIN_GAPS_TO_LEARN, InFlight, Ledger
 from crescent.services.conductor.policies import cache_aware, mooncake
 from crescent.services.conductor.rejection import check_admission
@@ -19,7 +21,7 @@ def _inflight(rid: str, decode: str, start: float, predicted_tbt_s: float = 0.01
                     placed_at=0.0, decode_start=start, predicted_tbt_s=predicted_tbt_s)
 
 
-def test_mooncake_sends_decode_where_the_load_will_be_lowest_at_arrival():
+def test_the_forecast_sees_the_load_at_arrival_that_the_last_report_misses():
     # d0 reports 40 running, all of them done by the time this request leaves prefill; d1 reports nothing,
     # but 30 admitted prefills land on it first. The last report favours d1; the forecast favours d0.
     ledger = Ledger()
@@ -29,8 +31,12 @@ def test_mooncake_sends_decode_where_the_load_will_be_lowest_at_arrival():
         ledger.add(_inflight(f"new{i}", "d1", start=0.001))
     decode = [inst("d0", Role.DECODE, running=40, running_context_tokens=40_000), inst("d1", Role.DECODE)]
     v = view([inst("p0", Role.PREFILL)], decode, ledger=ledger)
+    (tbt_d0, _), (tbt_d1, _) = (decode_at(v, d, request(1), arrival=0.1) for d in decode)
+    assert tbt_d0 == pytest.approx(COST.decode_step_time(1, 17))  # all 40 released
+    assert tbt_d1 == pytest.approx(COST.decode_step_time(31, 30 * 1000 + 17))  # 30 landed
+    # Placement stays on current load (policies.pick_decode_with_triage says why); admission uses the forecast.
     assert cache_aware(v, request(1)).decode.instance_id == "d1"
-    assert mooncake(v, request(1)).decode.instance_id == "d0"
+    assert mooncake(v, request(1)).decode.instance_id == "d1"
 
 
 def test_the_ledger_learns_how_far_the_planner_misses_the_step_time():

@@ -1,4 +1,4 @@
-"""Tool plans (tool_choice to grammar, output to call), messages for templates that know tools and for those that do
+"""Tool plans (tool_choice to grammar or parser, output to call), messages for templates that know tools and for those that do
 not, and the tool_calls a ChatRenderer writes, whole and streamed."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from crescent.services.gateway.errors import ApiError
 from crescent.services.gateway.generation import ChoiceState, Delta
 from crescent.services.gateway.render import ChatRenderer
 from crescent.services.gateway.schema import ChatCompletionRequest, ChatMessage
-from crescent.services.gateway.tools import ToolPlan, plan_tools, template_messages
+from crescent.services.gateway.tools import ToolPlan, auto_parser, plan_tools, template_messages
 
 PARAMS = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
 TOOLS = [{"type": "function", "function": {"name": "search", "parameters": PARAMS}},
@@ -41,12 +41,34 @@ def test_named_choice_grammar_is_the_functions_parameters():
     assert plan.call_of('{"q": "x"}') == ("search", '{"q": "x"}')
 
 
-def test_none_has_no_grammar_and_auto_is_refused():
+def test_none_has_no_grammar_and_auto_is_refused_without_a_parser():
     assert plan_tools(_body(tools=TOOLS, tool_choice="none")).grammar() == ""
     assert plan_tools(_body()) is None
-    with pytest.raises(ApiError) as err:
-        plan_tools(_body(tools=TOOLS))
-    assert err.value.body()["error"]["param"] == "tool_choice"
+    for body in (_body(tools=TOOLS), _body(tools=TOOLS, tool_choice="auto")):
+        with pytest.raises(ApiError) as err:
+            plan_tools(body, parser="")
+        assert err.value.body()["error"]["param"] == "tool_choice"
+        assert "--tool-call-parser" in err.value.body()["error"]["message"]
+
+
+def test_auto_is_the_default_with_tools_and_has_no_grammar():
+    plan = plan_tools(_body(tools=TOOLS), parser="hermes")
+    assert (plan.choice, plan.parser, plan.max_calls, plan.grammar()) == ("auto", "hermes", 0, "")
+    assert plan.calls and not plan.forced
+    assert plan_tools(_body(tools=TOOLS, tool_choice="auto", parallel_tool_calls=False), "hermes").max_calls == 1
+
+
+HERMES_TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}{% if tools %}<tool_call>{% endif %}"
+
+
+@pytest.mark.parametrize("setting, template, parser", [
+    ("", None, "hermes"), ("", "{{ messages }}", "hermes"), ("", HERMES_TEMPLATE, "hermes"),
+    ("", "{% if tools %}[TOOL_CALLS]{% endif %}", ""), ("none", None, ""), ("hermes", "{{ tools }}", "hermes")],
+    ids=str)
+def test_the_auto_parser_follows_the_setting_then_the_template(setting, template, parser):
+    """A template that does not know tools gets Hermes instructions from the gateway; one that knows them writes
+    its own format, which only a template that speaks of <tool_call> makes Hermes'."""
+    assert auto_parser(setting, template) == parser
 
 
 @pytest.mark.parametrize("choice", [{"type": "function", "function": "search"}, {"type": "function"},
@@ -70,6 +92,16 @@ def test_messages_for_a_template_without_tools_carry_them_as_text():
     assert msgs[0]["role"] == "system" and '"name":"search"' in msgs[0]["content"]
     assert json.loads(msgs[2]["content"]) == {"name": "search", "arguments": {"q": "x"}}
     assert msgs[3] == {"role": "tool", "content": "found", "tool_call_id": "c1"}
+
+
+def test_auto_asks_a_template_without_tools_for_hermes_calls_and_shows_earlier_calls_so():
+    plan = ToolPlan([t["function"] for t in TOOLS], "auto", "hermes")
+    msgs = template_messages(_history(), plan, native=False)
+    assert "<tools>" in msgs[0]["content"] and "<tool_call>" in msgs[0]["content"]
+    assert '"name": "search"' in msgs[0]["content"]
+    call = msgs[2]["content"]
+    assert call.startswith("<tool_call>\n") and call.endswith("\n</tool_call>")
+    assert json.loads(call.split("\n")[1]) == {"name": "search", "arguments": {"q": "x"}}
 
 
 def test_messages_for_a_template_with_tools_keep_tool_calls_structured():
@@ -96,3 +128,40 @@ def test_renderer_sends_a_required_call_once_it_is_whole():
     assert r.chunk_choice(Delta(0, [1], '{"name": "noop", ', [], None))["delta"] == {}
     last = r.chunk_choice(Delta(0, [1], '"arguments": {}}', [], "stop"))
     assert last["delta"]["tool_calls"][0]["function"] == {"name": "noop", "arguments": "{}"}
+
+
+def _auto_renderer() -> ChatRenderer:
+    return ChatRenderer(None, None, ToolPlan([t["function"] for t in TOOLS], "auto", "hermes"))
+
+
+def test_auto_renders_text_as_content_and_calls_as_tool_calls_whole():
+    text = ChoiceState(0, 3, ["Hello <tools> there"], finish_reason="stop")
+    assert _auto_renderer().full_choice(text)["message"] == {"role": "assistant", "content": "Hello <tools> there"}
+    call = ChoiceState(0, 3, ['Sure.<tool_call>{"name": "search", "arguments": {"q": "x"}}</tool_call>'],
+                       finish_reason="stop")
+    whole = _auto_renderer().full_choice(call)
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] == "Sure."
+    (tool_call,) = whole["message"]["tool_calls"]
+    assert tool_call["id"].startswith("call_") and tool_call["type"] == "function"
+    assert tool_call["function"] == {"name": "search", "arguments": '{"q": "x"}'}
+
+
+def test_auto_streams_the_name_first_then_arguments_and_finishes_with_tool_calls():
+    r = _auto_renderer()
+    assert r.opening(1)[0]["delta"] == {"role": "assistant", "content": ""}
+    text = '<tool_call>{"name": "search", "arguments": {"q": "x"}}</tool_call>'
+    pieces = [text[:25], text[25:40], text[40:]]
+    parts = [r.chunk_choice(Delta(0, [1], t, [], "stop" if i == 2 else None)) for i, t in enumerate(pieces)]
+    deltas = [d for p in parts for d in p["delta"].get("tool_calls", [])]
+    assert deltas[0]["function"]["name"] == "search" and deltas[0]["id"].startswith("call_")
+    assert all("id" not in d and "name" not in d["function"] for d in deltas[1:])
+    assert json.loads("".join(d["function"]["arguments"] for d in deltas)) == {"q": "x"}
+    assert [p["finish_reason"] for p in parts] == [None, None, "tool_calls"]
+    assert all("content" not in p["delta"] for p in parts)
+
+
+def test_auto_streams_plain_text_as_content_and_keeps_stop():
+    r = _auto_renderer()
+    parts = [r.chunk_choice(Delta(0, [1], t, [], f)) for t, f in (("Hi <to", None), ("day", "stop"))]
+    assert [p["delta"] for p in parts] == [{"content": "Hi "}, {"content": "<today"}]
+    assert parts[-1]["finish_reason"] == "stop"
