@@ -64,8 +64,10 @@ class ConductorServicer(conductor_pb2_grpc.ConductorServicer):
                                               heartbeat_timeout_s=self.settings.heartbeat_timeout_s)
 
     async def Heartbeat(self, request, context):
-        known = self.c.registry.heartbeat(request.instance_id, convert.load_from_proto(request.load),
-                                          self.clock.now())
+        load, now = convert.load_from_proto(request.load), self.clock.now()
+        known = self.c.registry.heartbeat(request.instance_id, load, now)
+        if known:
+            self.c.observe_heartbeat(request.instance_id, load, now)
         return conductor_pb2.HeartbeatResponse(known=known)
 
     async def Deregister(self, request, context):
