@@ -65,6 +65,8 @@ CONDUCTOR_PREDICTED_TTFT = Histogram("crescent_conductor_predicted_ttft_seconds"
 CONDUCTOR_PREFIX_BLOCKS = Counter("crescent_conductor_prefix_blocks_total",
                                   "Prompt blocks seen at placement, and those reusable by the chosen instance.",
                                   ["kind"])  # kind: query, hit
+CONDUCTOR_SLO = Gauge("crescent_conductor_slo_seconds", "The SLOs early rejection protects (set or sized from the "
+                      "cost model).", ["kind"])  # kind: ttft, tbt
 CONDUCTOR_INDEXED_BLOCKS = Gauge("crescent_conductor_indexed_blocks", "Blocks in the KV index by tier.", ["tier"])
 
 # --- workers (prefill and decode share the engine) -------------------------------------------------------------

@@ -19,6 +19,13 @@ import numpy as np
 
 from crescent.services.conductor.cluster import Tier
 
+# SLOs sized from a calibrated model, Mooncake-style (its experiments set the TTFT and TBT thresholds at 10x and 5x
+# of a request running alone): a lone prefill of a reference prompt, and a lone decode step at its context.
+SLO_REFERENCE_PROMPT_TOKENS = 512
+TTFT_SLO_LONE_MULTIPLE = 10.0
+TBT_SLO_LONE_MULTIPLE = 5.0
+UNCALIBRATED_SLOS = (10.0, 0.2)  # (TTFT, TBT) seconds when the model is the built-in estimate
+
 
 @dataclass
 class CostModel:
@@ -47,6 +54,22 @@ class CostModel:
         for tier in ("DEVICE", "DRAM", "SSD"):
             if self.bandwidth_bps.get(tier, 0) <= 0:
                 raise ValueError(f"bandwidth_bps[{tier!r}] must be positive")
+
+    @property
+    def calibrated(self) -> bool:
+        """Fit from timings of a real engine (``crescent calibrate``), not the built-in arithmetic estimate."""
+        return self.source.startswith("calibrated")
+
+    def sized_slos(self) -> tuple[float, float]:
+        """Default (TTFT, TBT) SLOs in seconds: 10x a lone prefill of a 512-token prompt (at least 1 s) and 5x a
+        lone decode step at that context (at least 20 ms), two significant digits; the built-in estimate's model
+        sizes nothing (10 s, 0.2 s)."""
+        if not self.calibrated:
+            return UNCALIBRATED_SLOS
+        n = SLO_REFERENCE_PROMPT_TOKENS
+        ttft = max(1.0, TTFT_SLO_LONE_MULTIPLE * self.prefill_time(n))
+        tbt = max(0.02, TBT_SLO_LONE_MULTIPLE * self.decode_step_time(1, n))
+        return float(f"{ttft:.2g}"), float(f"{tbt:.2g}")
 
     def prefill_time(self, new_tokens: int, cached_tokens: int = 0) -> float:
         if new_tokens <= 0:
