@@ -21,7 +21,7 @@ from crescent.services.conductor.cluster import Tier
 
 # SLOs sized from a calibrated model, Mooncake-style (its experiments set the TTFT and TBT thresholds at 10x and 5x
 # of a request running alone): a lone prefill of a reference prompt, and a lone decode step at its context.
-SLO_REFERENCE_PROMPT_TOKENS = 512
+SLO_REFERENCE_PROMPT_TOKENS = 256
 TTFT_SLO_LONE_MULTIPLE = 10.0
 TBT_SLO_LONE_MULTIPLE = 5.0
 UNCALIBRATED_SLOS = (10.0, 0.2)  # (TTFT, TBT) seconds when the model is the built-in estimate
@@ -61,7 +61,7 @@ class CostModel:
         return self.source.startswith("calibrated")
 
     def sized_slos(self) -> tuple[float, float]:
-        """Default (TTFT, TBT) SLOs in seconds: 10x a lone prefill of a 512-token prompt (at least 1 s) and 5x a
+        """Default (TTFT, TBT) SLOs in seconds: 10x a lone prefill of a 256-token prompt (at least 1 s) and 5x a
         lone decode step at that context (at least 20 ms), two significant digits; the built-in estimate's model
         sizes nothing (10 s, 0.2 s)."""
         if not self.calibrated:

@@ -20,10 +20,10 @@ class ConductorSettings(CrescentSettings):
         "predicted when cost_model_path holds a calibrated model (``crescent calibrate``), load otherwise.")
     ttft_slo_s: float = Field(
         0.0, description="Time-to-first-token SLO the rejection modes protect; 0 = sized from the cost model: 10x a "
-        "lone 512-token prefill (at least 1 s) when calibrated, else 10 s.", ge=0)
+        "lone 256-token prefill (at least 1 s) when calibrated, else 10 s.", ge=0)
     tbt_slo_s: float = Field(
         0.0, description="Time-between-tokens SLO the rejection modes protect (on a request's slowest gaps); 0 = "
-        "sized from the cost model: 5x a lone decode step at 512 tokens of context when calibrated, else 0.2 s.",
+        "sized from the cost model: 5x a lone decode step at 256 tokens of context when calibrated, else 0.2 s.",
         ge=0)
     max_queue_per_instance: int = Field(64, description="Queued requests per prefill instance before 429.", ge=1)
     heartbeat_interval_s: float = Field(1.0, description="How often instances are told to heartbeat.", gt=0)
