@@ -139,20 +139,27 @@ def fit_prefill(samples: list[tuple[int, int, float]]) -> tuple[float, float, fl
     return _nonneg_lstsq(a, y)
 
 
-def fit_decode(samples: list[tuple[int, int, float]]) -> tuple[float, float, float]:
-    """Fit d0, d1, d2 from (batch, total context tokens, seconds per step) samples."""
+def fit_decode(samples: list[tuple[int, int, float]], context_s: float | None = None) -> tuple[float, float, float]:
+    """Fit d0, d1, d2 from (batch, total context tokens, seconds per step) samples.
+
+    ``context_s``: d2 given (e.g. KV bytes per token over the measured memory bandwidth), and only d0, d1 fit.
+    Samples with short contexts cannot tell d2 from noise (on a busy CPU a fit once put it 300x above what reading
+    the KV costs), and a planner extrapolating that to long contexts refuses everything."""
     if len(samples) < 3:
         raise ValueError("need at least 3 decode samples to fit 3 coefficients")
     a = np.array([[1.0, b, c] for b, c, _ in samples], dtype=float)
     y = np.array([s for _, _, s in samples])
-    return _nonneg_lstsq(a, y)
+    if context_s is None:
+        return _nonneg_lstsq(a, y)
+    d0, d1, _ = _nonneg_lstsq(a[:, :2], y - context_s * a[:, 2])
+    return d0, d1, float(context_s)
 
 
 def _nonneg_lstsq(a: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     # Scale columns so the tiny quadratic coefficient is not lost to conditioning, then refit without any
     # coefficient that came out negative (a negative cost is noise, and would predict negative times).
     scale = np.maximum(np.abs(a).max(axis=0), 1e-30)
-    active = [0, 1, 2]
+    active = list(range(a.shape[1]))
     coef = np.zeros(3)
     while active:
         sol, *_ = np.linalg.lstsq(a[:, active] / scale[active], y, rcond=None)

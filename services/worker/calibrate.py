@@ -35,6 +35,7 @@ from crescent.settings import add_settings_flags, default_model_cache, settings_
 # Prompt tokens dominate the time (every decode point prefills its batch first, at every repeat): ~3,000 in all.
 QUICK_PREFILL_POINTS = ((16, 0), (64, 0), (192, 0), (32, 128))
 QUICK_DECODE_POINTS = ((1, 16), (4, 16), (16, 16), (4, 128))
+CACHE_METHOD = "quick-2"  # changes when the quick protocol does: models cached by an older one are measured again
 
 
 class EngineProfile:
@@ -108,6 +109,21 @@ def _points(text: str) -> tuple[tuple[int, int], ...]:
     return pairs  # type: ignore[return-value]
 
 
+def memory_bandwidth_bps(nbytes: int = 128 << 20, repeats: int = 3) -> float:
+    """Bytes/s this process copies memory at (read + write; best of ``repeats``): what a decode step reads each
+    cached K/V at on a CPU, measured in well under a second."""
+    import numpy as np
+
+    src = np.ones(nbytes // 8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -134,7 +150,7 @@ def cache_key(settings: EngineSettings) -> dict[str, str]:
 
     device = settings.resolved_device()
     threads = settings.torch_threads or torch.get_num_threads()
-    return {"model": str(Path(settings.model).expanduser()), "model_fingerprint": _model_fingerprint(settings.model),
+    return {"method": CACHE_METHOD, "model": str(Path(settings.model).expanduser()), "model_fingerprint": _model_fingerprint(settings.model),
             "cpu": _cpu_model(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "threads": str(threads), "dtype": str(settings.resolved_dtype()).removeprefix("torch.")}
 
@@ -189,12 +205,17 @@ def calibrate_cli(argv: list[str] | None = None) -> int:
             print(f"reusing the cost model calibrated for {key}\ncost model: {cached}")
             return 0
         args.out = args.out or str(cached)
+    # Quick points have short contexts: d2 (per context token) comes from the memory bandwidth, on a CPU.
+    kv_read_bps = memory_bandwidth_bps() if args.quick and settings.resolved_device().type == "cpu" else None
     model, samples = calibrate_with_samples(
         lambda: EngineProfile(LLMEngine.from_settings(settings), decode_steps=args.decode_steps),
         args.prefill_points, args.decode_points, repeats=args.repeats, statistic=args.statistic,
+        kv_read_bps=kv_read_bps,
         source=f"calibrated: model={settings.model} device={settings.resolved_device()} dtype={settings.dtype} "
                f"threads={settings.torch_threads or 'default'}; {args.statistic} of {args.repeats} per point, "
-               f"{args.decode_steps} decode steps per timing" + (f"; key {key}" if key else "")
+               f"{args.decode_steps} decode steps per timing"
+               + (f"; d2 from {kv_read_bps / 1e9:.1f} GB/s memory bandwidth" if kv_read_bps else "")
+               + (f"; key {key}" if key else "")
                + (f"; {args.note}" if args.note else ""))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{args.out}.{os.getpid()}.tmp")
