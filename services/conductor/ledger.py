@@ -26,6 +26,10 @@ heartbeat adds the step predicted for its reported batch to each request decodin
 (:meth:`Ledger.observe_decode`), and a finish compares its mean gap with their mean (with no heartbeat in its
 window, with the step predicted at placement). The ratio is clamped to [0.5, 2]: one request stuck behind a
 KV-blocked head, or a gap stretched by a prefill sharing the cores, must not swing admission by itself.
+The TTFT check scales the predicted TTFT by ``ttft_correction`` the same way: the running ratio of the TTFT the
+gateway measured (from the request's arrival: tokenizing, placing, queueing, prefill) to the one predicted at
+placement. On one shared CPU the gateway's own work under a flood of requests takes cores the calibration gave to
+prefill: at 10x overload the accepted requests' TTFT ran 2-3x past the prediction until this was learnt.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from dataclasses import dataclass
 
 MIN_GAPS_TO_LEARN = 8  # output tokens a finished request needs before its mean gap corrects the planner
 CORRECTION_RANGE = (0.5, 2.0)  # one finish's observed/predicted ratio is clamped to this before it is averaged in
+TTFT_CORRECTION_RANGE = (0.5, 4.0)
+MIN_PREDICTED_TTFT_S = 0.05  # below this a ratio says more about timer noise than about the planner
 
 
 @dataclass
@@ -73,6 +79,7 @@ class Ledger:
         self.mean_output_tokens = float(default_output_tokens)
         self.mean_tbt_s = 0.0  # seconds per output token in decode, learnt from finished requests
         self.tbt_correction = 1.0  # observed mean gap / predicted step time, learnt from finished requests
+        self.ttft_correction = 1.0  # observed TTFT / TTFT predicted at placement, learnt from finished requests
         self.ema_weight = ema_weight
         self.release_confidence = release_confidence
         self.output_sample_size = output_sample_size
@@ -93,7 +100,7 @@ class Ledger:
             self._inflight[entry.request_id] = entry
 
     def finish(self, request_id: str, completion_tokens: int | None = None, mean_tbt_s: float | None = None,
-               now: float | None = None) -> InFlight | None:
+               now: float | None = None, ttft_s: float | None = None) -> InFlight | None:
         """Forget a request; learn from its output length and its mean time per output token when given.
 
         ``now`` is when it finished (default: the latest time the ledger saw, which can predate a heartbeat
@@ -105,6 +112,11 @@ class Ledger:
                 out = completion_tokens if completion_tokens is not None else entry.expected_output
                 self._recent.append((self.clock if now is None else now, entry.decode_id, entry.prompt_tokens + out))
             w = self.ema_weight
+            predicted_ttft = entry.decode_start - entry.placed_at if entry is not None else 0.0
+            if ttft_s is not None and ttft_s > 0 and predicted_ttft >= MIN_PREDICTED_TTFT_S:
+                low, high = TTFT_CORRECTION_RANGE
+                ratio = min(high, max(low, ttft_s / predicted_ttft))
+                self.ttft_correction = (1 - w) * self.ttft_correction + w * ratio
             if completion_tokens is not None and completion_tokens > 0:
                 self._remember_output(completion_tokens)
                 self.mean_output_tokens = (1 - w) * self.mean_output_tokens + w * completion_tokens

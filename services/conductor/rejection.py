@@ -11,9 +11,11 @@ Modes:
   Current load misses the admitted prefills about to land and the finishes since the last heartbeat.
 Both decode checks scale the planner's step time by the ledger's learnt ``tbt_correction`` (see ledger.py) and
 hold it under ``tbt_s / cost.decode_tail_ratio`` (the SLO binds the slowest gaps; the fit predicts a middle one).
-A decode instance with nothing else running (nor admitted towards it) is never refused on TBT, only on KV: a lone
-request decodes as fast as the machine can, so refusing it serves no one, and a correction learnt too high would
-otherwise refuse everything and, with no finishes left to learn from, never come down.
+The TTFT check scales the predicted TTFT by the ledger's learnt ``ttft_correction`` likewise.
+A decode instance with nothing else running (nor admitted towards it) is never refused on TBT, only on KV, and a
+prefill instance with nothing queued never on TTFT: a lone request runs as fast as the machine can, so refusing it
+serves no one, and a correction learnt too high would otherwise refuse everything and, with no finishes left to
+learn from, never come down.
 Retry-After says when to come back: for ``ttft_slo`` the predicted TTFT past the SLO, for ``queue_full`` the
 queue's drain time, for ``tbt_slo`` the time until the chosen decode instance is likely to finish one request (a
 request's expected decode time over the batch it shares), at least 1 s.
@@ -42,8 +44,10 @@ def _queue_full(view: ClusterView, p: Placement, slo: Slo) -> Rejection | None:
 
 
 def _ttft(view: ClusterView, p: Placement, slo: Slo) -> Rejection | None:
-    if p.predicted_ttft_s > slo.ttft_s:
-        return Rejection("ttft_slo", retry_after_s=max(1.0, p.predicted_ttft_s - slo.ttft_s))
+    ttft = p.predicted_ttft_s * view.ledger.ttft_correction
+    # An empty prefill queue is never refused on TTFT: the request starts at once (see the module docstring).
+    if ttft > slo.ttft_s and p.prefill.queued_requests > 0:
+        return Rejection("ttft_slo", retry_after_s=max(1.0, ttft - slo.ttft_s))
     return None
 
 

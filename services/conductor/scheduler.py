@@ -110,7 +110,7 @@ class Conductor:
                                                                                load.running_context_tokens), now)
 
     def finish(self, request_id: str, completion_tokens: int | None = None, mean_tbt_s: float | None = None,
-               now: float | None = None) -> bool:
+               now: float | None = None, ttft_s: float | None = None) -> bool:
         """``now``: when it finished, on the clock ``place`` gets (the predicted mode subtracts finishes a decode
         instance's last heartbeat still counted)."""
-        return self.ledger.finish(request_id, completion_tokens, mean_tbt_s, now) is not None
+        return self.ledger.finish(request_id, completion_tokens, mean_tbt_s, now, ttft_s) is not None

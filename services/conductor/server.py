@@ -115,7 +115,8 @@ class ConductorServicer(conductor_pb2_grpc.ConductorServicer):
     async def Finish(self, request, context):
         ok = request.ok
         self.c.finish(request.request_id, request.completion_tokens if ok else None,
-                      request.mean_tbt_s if ok else None, now=self.clock.now())
+                      request.mean_tbt_s if ok else None, now=self.clock.now(),
+                      ttft_s=request.ttft_s if ok else None)
         return common_pb2.Ack()
 
     async def ListInstances(self, request, context):
