@@ -100,3 +100,23 @@ def test_an_idle_decode_instance_is_never_refused_on_tbt_and_a_busy_one_says_whe
 def test_a_tail_ratio_below_one_is_refused():
     with pytest.raises(ValueError, match="decode_tail_ratio must be >= 1"):
         dataclasses.replace(COST, decode_tail_ratio=0.9)
+
+
+def test_the_ttft_check_learns_how_far_measured_ttfts_run_past_the_prediction():
+    ledger = Ledger(ema_weight=0.5)
+    ledger.add(InFlight("r1", "p0", "d0", 100, 100, 10, placed_at=0.0, decode_start=2.0))  # predicted TTFT 2 s
+    ledger.finish("r1", completion_tokens=10, ttft_s=6.0, now=7.0)
+    assert ledger.ttft_correction == pytest.approx(0.5 * 1.0 + 0.5 * 3.0)
+    ledger.add(InFlight("r2", "p0", "d0", 100, 100, 10, placed_at=0.0, decode_start=0.01))  # too short to say
+    ledger.finish("r2", completion_tokens=10, ttft_s=5.0, now=7.0)
+    assert ledger.ttft_correction == pytest.approx(2.0)
+    slo = Slo(ttft_s=1.5, tbt_s=10.0, max_queue_per_instance=8)
+    queued = view([inst("p0", Role.PREFILL, waiting=1, queued_prefill_tokens=500)], [inst("d0", Role.DECODE)],
+                  ledger=ledger)
+    placement = cache_aware(queued, request(1))  # (0.5 s queue + 0.017 s prefill) x 2 = 1.03 s: within 1.5 s
+    assert check_admission("predicted", queued, placement, request(1), slo) is None
+    ledger.ttft_correction = 4.0  # 2.07 s: over
+    refusal = check_admission("predicted", queued, placement, request(1), slo)
+    assert refusal.reason == "ttft_slo" and refusal.retry_after_s == 1.0
+    idle = view([inst("p0", Role.PREFILL)], [inst("d0", Role.DECODE)], ledger=ledger)
+    assert check_admission("load", idle, cache_aware(idle, request(900)), request(900), slo) is None  # 14 s, but it starts now
