@@ -103,13 +103,14 @@ def test_a_tail_ratio_below_one_is_refused():
 
 
 def test_the_ttft_check_learns_how_far_measured_ttfts_run_past_the_prediction():
-    ledger = Ledger(ema_weight=0.5)
+    ledger = Ledger()
     ledger.add(InFlight("r1", "p0", "d0", 100, 100, 10, placed_at=0.0, decode_start=2.0))  # predicted TTFT 2 s
     ledger.finish("r1", completion_tokens=10, ttft_s=6.0, now=7.0)
-    assert ledger.ttft_correction == pytest.approx(0.5 * 1.0 + 0.5 * 3.0)
+    assert ledger.ttft_correction == pytest.approx(0.8 * 1.0 + 0.2 * 3.0)
     ledger.add(InFlight("r2", "p0", "d0", 100, 100, 10, placed_at=0.0, decode_start=0.01))  # too short to say
     ledger.finish("r2", completion_tokens=10, ttft_s=5.0, now=7.0)
-    assert ledger.ttft_correction == pytest.approx(2.0)
+    assert ledger.ttft_correction == pytest.approx(1.4)
+    ledger.ttft_correction = 2.0
     slo = Slo(ttft_s=1.5, tbt_s=10.0, max_queue_per_instance=8)
     queued = view([inst("p0", Role.PREFILL, waiting=1, queued_prefill_tokens=500)], [inst("d0", Role.DECODE)],
                   ledger=ledger)
