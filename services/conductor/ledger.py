@@ -26,9 +26,9 @@ heartbeat adds the step predicted for its reported batch to each request decodin
 (:meth:`Ledger.observe_decode`), and a finish compares its mean gap with their mean (with no heartbeat in its
 window, with the step predicted at placement). The ratio is clamped to [0.5, 2]: one request stuck behind a
 KV-blocked head, or a gap stretched by a prefill sharing the cores, must not swing admission by itself.
-The TTFT check scales the predicted TTFT by ``ttft_correction`` the same way: the running ratio of the TTFT the
-gateway measured (from the request's arrival: tokenizing, placing, queueing, prefill) to the one predicted at
-placement. On one shared CPU the gateway's own work under a flood of requests takes cores the calibration gave to
+The TTFT check scales the predicted TTFT by ``ttft_correction``: the 90th percentile of the recent ratios of the
+TTFT the gateway measured (from the request's arrival: tokenizing, placing, queueing, prefill) to the one predicted
+at placement (the SLO binds the tail). On one shared CPU the gateway's own work under a flood of requests takes cores the calibration gave to
 prefill: at 10x overload the accepted requests' TTFT ran 2-3x past the prediction until this was learnt.
 """
 
@@ -42,9 +42,11 @@ from dataclasses import dataclass
 MIN_GAPS_TO_LEARN = 8  # output tokens a finished request needs before its mean gap corrects the planner
 CORRECTION_RANGE = (0.5, 2.0)  # one finish's observed/predicted ratio is clamped to this before it is averaged in
 TTFT_CORRECTION_RANGE = (0.5, 4.0)
-# Faster than the output-length and TBT averages: every request admitted before the TTFT correction is learnt waits
-# its real queue (at 10x overload, with 0.05, the first ten seconds' admissions set the p99 at 1.3x the SLO).
-TTFT_EMA_WEIGHT = 0.2
+# The TTFT correction is a high percentile of the recent ratios, not their mean: the SLO binds the accepted requests'
+# p99, and admitting up to a mean prediction puts half of those near the limit above it (at 10x overload a running
+# mean left the p99 at 1.03-1.3x the SLO). Few samples, so every request admitted before it is learnt counts little.
+TTFT_RATIO_SAMPLES = 64
+TTFT_RATIO_PERCENTILE = 0.9
 MIN_PREDICTED_TTFT_S = 0.05  # below this a ratio says more about timer noise than about the planner
 
 
@@ -83,6 +85,7 @@ class Ledger:
         self.mean_tbt_s = 0.0  # seconds per output token in decode, learnt from finished requests
         self.tbt_correction = 1.0  # observed mean gap / predicted step time, learnt from finished requests
         self.ttft_correction = 1.0  # observed TTFT / TTFT predicted at placement, learnt from finished requests
+        self._ttft_ratios: deque[float] = deque(maxlen=TTFT_RATIO_SAMPLES)
         self.ema_weight = ema_weight
         self.release_confidence = release_confidence
         self.output_sample_size = output_sample_size
@@ -118,8 +121,9 @@ class Ledger:
             predicted_ttft = entry.decode_start - entry.placed_at if entry is not None else 0.0
             if ttft_s is not None and ttft_s > 0 and predicted_ttft >= MIN_PREDICTED_TTFT_S:
                 low, high = TTFT_CORRECTION_RANGE
-                ratio = min(high, max(low, ttft_s / predicted_ttft))
-                self.ttft_correction = (1 - TTFT_EMA_WEIGHT) * self.ttft_correction + TTFT_EMA_WEIGHT * ratio
+                self._ttft_ratios.append(min(high, max(low, ttft_s / predicted_ttft)))
+                ranked = sorted(self._ttft_ratios)
+                self.ttft_correction = ranked[round(TTFT_RATIO_PERCENTILE * (len(ranked) - 1))]
             if completion_tokens is not None and completion_tokens > 0:
                 self._remember_output(completion_tokens)
                 self.mean_output_tokens = (1 - w) * self.mean_output_tokens + w * completion_tokens

@@ -104,12 +104,13 @@ def test_a_tail_ratio_below_one_is_refused():
 
 def test_the_ttft_check_learns_how_far_measured_ttfts_run_past_the_prediction():
     ledger = Ledger()
-    ledger.add(InFlight("r1", "p0", "d0", 100, 100, 10, placed_at=0.0, decode_start=2.0))  # predicted TTFT 2 s
-    ledger.finish("r1", completion_tokens=10, ttft_s=6.0, now=7.0)
-    assert ledger.ttft_correction == pytest.approx(0.8 * 1.0 + 0.2 * 3.0)
-    ledger.add(InFlight("r2", "p0", "d0", 100, 100, 10, placed_at=0.0, decode_start=0.01))  # too short to say
-    ledger.finish("r2", completion_tokens=10, ttft_s=5.0, now=7.0)
-    assert ledger.ttft_correction == pytest.approx(1.4)
+    for i, ttft in enumerate([2.0] * 9 + [6.0]):  # predicted 2 s each; one in ten ran 3x longer
+        ledger.add(InFlight(f"r{i}", "p0", "d0", 100, 100, 10, placed_at=0.0, decode_start=2.0))
+        ledger.finish(f"r{i}", completion_tokens=10, ttft_s=ttft, now=7.0)
+    assert ledger.ttft_correction == pytest.approx(3.0)  # the 90th percentile: the SLO binds the tail
+    ledger.add(InFlight("r", "p0", "d0", 100, 100, 10, placed_at=0.0, decode_start=0.01))  # too short to say
+    ledger.finish("r", completion_tokens=10, ttft_s=0.5, now=7.0)
+    assert ledger.ttft_correction == pytest.approx(3.0)
     ledger.ttft_correction = 2.0
     slo = Slo(ttft_s=1.5, tbt_s=10.0, max_queue_per_instance=8)
     queued = view([inst("p0", Role.PREFILL, waiting=1, queued_prefill_tokens=500)], [inst("d0", Role.DECODE)],
