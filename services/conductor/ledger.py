@@ -123,7 +123,7 @@ class Ledger:
                 low, high = TTFT_CORRECTION_RANGE
                 self._ttft_ratios.append(min(high, max(low, ttft_s / predicted_ttft)))
                 ranked = sorted(self._ttft_ratios)
-                self.ttft_correction = ranked[round(TTFT_RATIO_PERCENTILE * (len(ranked) - 1))]
+                self.ttft_correction = ranked[min(len(ranked) - 1, int(TTFT_RATIO_PERCENTILE * len(ranked)))]
             if completion_tokens is not None and completion_tokens > 0:
                 self._remember_output(completion_tokens)
                 self.mean_output_tokens = (1 - w) * self.mean_output_tokens + w * completion_tokens
