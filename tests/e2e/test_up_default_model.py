@@ -32,7 +32,8 @@ def gateway_url(tmp_path_factory):
            "PYTHONPATH": str(REPO), "CRESCENT_TORCH_THREADS": "1", "CRESCENT_NUM_KV_BLOCKS": "512",
            "CRESCENT_DEVICE": "cpu", "CRESCENT_DATA_DIR": str(tmp_path_factory.mktemp("kvstore"))}
     proc = subprocess.Popen([sys.executable, "-m", "crescent.cli", "up", "--free-ports", "--port", str(port),
-                             "--log-dir", str(log_dir), "--startup-timeout-s", str(STARTUP_S)],
+                             "--log-dir", str(log_dir), "--startup-timeout-s", str(STARTUP_S),
+                             "--no-calibrate"],  # without rejection a cost model changes nothing here
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _UP["pid"] = proc.pid
     url = f"http://127.0.0.1:{port}"
