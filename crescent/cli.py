@@ -156,6 +156,12 @@ def _up_parser() -> argparse.ArgumentParser:
     p.add_argument("--vllm-python", default=os.environ.get("CRESCENT_VLLM_PYTHON", ""),
                    help="--engine vllm: the Python that has vLLM (env CRESCENT_VLLM_PYTHON; default "
                         ".venv-vllm/bin/python in the current directory or the source checkout)")
+    p.add_argument("--cost-model", default="", help="the conductor's cost model JSON (from `crescent calibrate`); "
+                                                    "default: calibrate this model on this machine once (cached)")
+    p.add_argument("--no-calibrate", action="store_true", help="no measured cost model: the conductor plans with "
+                                                               "its built-in estimate and rejects on load")
+    p.add_argument("--calibrate-timeout-s", type=float, default=300.0,
+                   help="give up calibrating after this long (then as --no-calibrate)")
     p.add_argument("--log-dir", default="", help="per-service logs (default: a new temp folder)")
     p.add_argument("--startup-timeout-s", type=float, default=600.0, help="give up if not healthy by then")
     return p
@@ -189,6 +195,33 @@ class _Stop(Exception):
     pass
 
 
+def _cost_model(args: argparse.Namespace, model: str, log_dir: Path) -> str:
+    """The cost model the conductor gets: the given file, or this machine's calibration (cached), or none."""
+    from crescent.services.common.launcher import calibrated_cost_model, torch_threads_per_worker
+
+    if args.cost_model:
+        return str(Path(args.cost_model).expanduser().resolve())
+    if args.no_calibrate or os.environ.get("CRESCENT_COST_MODEL_PATH"):  # the environment's reaches the conductor
+        return ""
+    if args.engine == "vllm":  # calibration times crescent's engine; vLLM workers' costs are not measured yet
+        print("cost model: not calibrated for --engine vllm: admission rejects on load with the built-in estimate",
+              flush=True)
+        return ""
+    workers = args.workers if args.mode == "agg" else args.prefill + args.decode
+    threads = int(os.environ.get("CRESCENT_TORCH_THREADS") or torch_threads_per_worker(workers))
+    print(f"cost model: calibrating {Path(model).name} on this machine ({threads} torch threads per worker; once, "
+          "then cached)", flush=True)
+    started = time.monotonic()
+    try:
+        path = calibrated_cost_model(model, threads, args.calibrate_timeout_s, log_dir / "calibrate.log")
+    except RuntimeError as exc:
+        print(f"crescent up: no measured cost model ({exc}; see {log_dir / 'calibrate.log'}): admission rejects on "
+              "load with the built-in estimate", file=sys.stderr, flush=True)
+        return ""
+    print(f"cost model: {path} ({time.monotonic() - started:.0f}s)", flush=True)
+    return path
+
+
 def up(argv: list[str]) -> int:
     from crescent.services.common.launcher import ServiceGroup, plan_local_cluster, vllm_python
 
@@ -219,6 +252,8 @@ def up(argv: list[str]) -> int:
         if args.max_model_len:
             extra = {role: {"max_model_len": args.max_model_len}
                      for role in ("gateway", "prefill", "decode", "worker")}
+        if cost_model := _cost_model(args, model, log_dir):
+            extra["conductor"] = {"cost_model_path": cost_model}
         plan = plan_local_cluster(model, name, gateway_host=args.host, gateway_port=args.port,
                                   prefill=args.prefill, decode=args.decode, free_ports=args.free_ports, extra=extra,
                                   mode=args.mode, workers=args.workers, engine=args.engine,

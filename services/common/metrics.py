@@ -73,6 +73,8 @@ CONDUCTOR_REDIS_UP = Gauge("crescent_conductor_redis_up",
                            "(absent without Redis).")
 CONDUCTOR_REDIS_RESYNCS = Counter("crescent_conductor_redis_resyncs_total",
                                   "Times this replica wrote its state back to Redis (Redis came back or lost it).")
+CONDUCTOR_SLO = Gauge("crescent_conductor_slo_seconds", "The SLOs early rejection protects (set or sized from the "
+                      "cost model).", ["kind"])  # kind: ttft, tbt
 CONDUCTOR_INDEXED_BLOCKS = Gauge("crescent_conductor_indexed_blocks", "Blocks in the KV index by tier.", ["tier"])
 
 # --- workers (prefill and decode share the engine) -------------------------------------------------------------

@@ -40,8 +40,12 @@ def calibrate_with_samples(factory: Callable[[], ProfileTarget],
                            decode_points: Sequence[tuple[int, int]] = DEFAULT_DECODE_POINTS, repeats: int = 3,
                            bandwidth_bps: dict[str, float] | None = None,
                            source: str = "calibrated",
-                           statistic: str = "median") -> tuple[CostModel, dict[str, list[dict]]]:
+                           statistic: str = "median",
+                           kv_read_bps: float | None = None) -> tuple[CostModel, dict[str, list[dict]]]:
     """:func:`calibrate`, plus every point's measured value beside the fitted one (to judge the fit by).
+
+    ``kv_read_bps``: the memory bandwidth a decode step reads the KV cache at (measured apart): then the cost per
+    context token is ``kv_bytes_per_token / kv_read_bps`` instead of fit (see ``fit_decode``).
 
     ``statistic``: "median" of the repeats, or "min" (best of N): on a machine shared with other jobs, noise only
     ever adds time, so the minimum is the steadiest estimate of the engine's own cost.
@@ -57,7 +61,8 @@ def calibrate_with_samples(factory: Callable[[], ProfileTarget],
     # Never means: on a shared machine a few timings land on a descheduled core.
     prefill = [(n, c, pick([target.time_prefill(n, c) for _ in range(repeats)])) for n, c in prefill_points]
     decode = [(b, b * ctx, pick([target.time_decode_step(b, ctx) for _ in range(repeats)])) for b, ctx in decode_points]
-    model = CostModel(prefill_s=fit_prefill(prefill), decode_step_s=fit_decode(decode),
+    context_s = target.kv_bytes_per_token / kv_read_bps if kv_read_bps else None
+    model = CostModel(prefill_s=fit_prefill(prefill), decode_step_s=fit_decode(decode, context_s),
                       kv_bytes_per_token=target.kv_bytes_per_token, source=source)
     if bandwidth_bps:
         model.bandwidth_bps.update(bandwidth_bps)

@@ -19,6 +19,13 @@ import numpy as np
 
 from crescent.services.conductor.cluster import Tier
 
+# SLOs sized from a calibrated model, Mooncake-style (its experiments set the TTFT and TBT thresholds at 10x and 5x
+# of a request running alone): a lone prefill of a reference prompt, and a lone decode step at its context.
+SLO_REFERENCE_PROMPT_TOKENS = 256
+TTFT_SLO_LONE_MULTIPLE = 10.0
+TBT_SLO_LONE_MULTIPLE = 5.0
+UNCALIBRATED_SLOS = (10.0, 0.2)  # (TTFT, TBT) seconds when the model is the built-in estimate
+
 
 @dataclass
 class CostModel:
@@ -47,6 +54,22 @@ class CostModel:
         for tier in ("DEVICE", "DRAM", "SSD"):
             if self.bandwidth_bps.get(tier, 0) <= 0:
                 raise ValueError(f"bandwidth_bps[{tier!r}] must be positive")
+
+    @property
+    def calibrated(self) -> bool:
+        """Fit from timings of a real engine (``crescent calibrate``), not the built-in arithmetic estimate."""
+        return self.source.startswith("calibrated")
+
+    def sized_slos(self) -> tuple[float, float]:
+        """Default (TTFT, TBT) SLOs in seconds: 10x a lone prefill of a 256-token prompt (at least 1 s) and 5x a
+        lone decode step at that context (at least 20 ms), two significant digits; the built-in estimate's model
+        sizes nothing (10 s, 0.2 s)."""
+        if not self.calibrated:
+            return UNCALIBRATED_SLOS
+        n = SLO_REFERENCE_PROMPT_TOKENS
+        ttft = max(1.0, TTFT_SLO_LONE_MULTIPLE * self.prefill_time(n))
+        tbt = max(0.02, TBT_SLO_LONE_MULTIPLE * self.decode_step_time(1, n))
+        return float(f"{ttft:.2g}"), float(f"{tbt:.2g}")
 
     def prefill_time(self, new_tokens: int, cached_tokens: int = 0) -> float:
         if new_tokens <= 0:
@@ -116,20 +139,27 @@ def fit_prefill(samples: list[tuple[int, int, float]]) -> tuple[float, float, fl
     return _nonneg_lstsq(a, y)
 
 
-def fit_decode(samples: list[tuple[int, int, float]]) -> tuple[float, float, float]:
-    """Fit d0, d1, d2 from (batch, total context tokens, seconds per step) samples."""
+def fit_decode(samples: list[tuple[int, int, float]], context_s: float | None = None) -> tuple[float, float, float]:
+    """Fit d0, d1, d2 from (batch, total context tokens, seconds per step) samples.
+
+    ``context_s``: d2 given (e.g. KV bytes per token over the measured memory bandwidth), and only d0, d1 fit.
+    Samples with short contexts cannot tell d2 from noise (on a busy CPU a fit once put it 300x above what reading
+    the KV costs), and a planner extrapolating that to long contexts refuses everything."""
     if len(samples) < 3:
         raise ValueError("need at least 3 decode samples to fit 3 coefficients")
     a = np.array([[1.0, b, c] for b, c, _ in samples], dtype=float)
     y = np.array([s for _, _, s in samples])
-    return _nonneg_lstsq(a, y)
+    if context_s is None:
+        return _nonneg_lstsq(a, y)
+    d0, d1, _ = _nonneg_lstsq(a[:, :2], y - context_s * a[:, 2])
+    return d0, d1, float(context_s)
 
 
 def _nonneg_lstsq(a: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     # Scale columns so the tiny quadratic coefficient is not lost to conditioning, then refit without any
     # coefficient that came out negative (a negative cost is noise, and would predict negative times).
     scale = np.maximum(np.abs(a).max(axis=0), 1e-30)
-    active = [0, 1, 2]
+    active = list(range(a.shape[1]))
     coef = np.zeros(3)
     while active:
         sol, *_ = np.linalg.lstsq(a[:, active] / scale[active], y, rcond=None)

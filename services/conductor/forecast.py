@@ -21,11 +21,17 @@ def kv_need(view: ClusterView, req: Request) -> int:
 
 def decode_at(view: ClusterView, d: InstanceState, req: Request, arrival: float) -> tuple[float, int]:
     """(TBT, KV tokens in use) on decode instance ``d`` at time ``arrival``, with ``req`` joined."""
+    tbt, kv, _ = decode_forecast(view, d, req, arrival)
+    return tbt, kv
+
+
+def decode_forecast(view: ClusterView, d: InstanceState, req: Request, arrival: float) -> tuple[float, int, int]:
+    """:func:`decode_at`, plus how many other requests the forecast puts in the batch ``req`` joins."""
     # At the arrival only: counting admitted requests that land later in its decode window too (tried) cost
     # goodput on the trace suite, and each of those is checked against the SLO when it is placed.
     batch, context, kv = view.ledger.predict_decode_change(d.instance_id, d.last_heartbeat, view.now, arrival,
                                                            d.load.waiting)
     used = (d.load.total_kv_blocks - d.load.free_kv_blocks) * d.info.kv_block_size
-    tbt = view.cost.decode_step_time(max(0, d.load.running + d.load.waiting + batch) + 1,
-                                     max(0, d.load.running_context_tokens + context) + req.prompt_tokens)
-    return tbt, max(0, used + kv) + kv_need(view, req)
+    others = max(0, d.load.running + d.load.waiting + batch)
+    tbt = view.cost.decode_step_time(others + 1, max(0, d.load.running_context_tokens + context) + req.prompt_tokens)
+    return tbt, max(0, used + kv) + kv_need(view, req), others

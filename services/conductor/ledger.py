@@ -15,9 +15,21 @@ forecast from the decode instance's last report plus what the ledger knows happe
   queues arrivals FIFO, and one blocked head stalls every request behind it, so at 2.5-3x load the mean-window
   forecast both rejected more and missed more SLOs than the ``load`` mode (bench/serving/sim_run.py).
 Both rejection modes scale their decode step estimate by ``tbt_correction``: the running ratio of the mean token
-gap finished requests reported to the step time predicted at their placement. The planner's fit is a fit: on
-other hardware, or under other load than its calibration saw, it misses by a steady factor (in the trace suite
-the machines ran ~1.3x slower at large batches than the fit, and both modes admitted into TBT misses).
+gap finished requests reported to the step time the planner predicts *for the batches they actually ran in*. The
+planner's fit is a fit: on other hardware, or under other load than its calibration saw, it misses by a steady
+factor (in the trace suite the machines ran ~1.3x slower at large batches than the fit, and both modes admitted
+into TBT misses). What it must not learn is load: comparing the gap with the step predicted *at placement* (the
+batch then, often 1 at the head of a burst) taught it "the machine is 3-4x slower" whenever a burst filled the
+batch after a request joined; the forecast already adds that batch, so the over-prediction doubled it and the live
+``load`` default answered 429 ``tbt_slo`` to bursts of 8 that ran at ~1 s gaps against a 2 s SLO. So every decode
+heartbeat adds the step predicted for its reported batch to each request decoding there
+(:meth:`Ledger.observe_decode`), and a finish compares its mean gap with their mean (with no heartbeat in its
+window, with the step predicted at placement). The ratio is clamped to [0.5, 2]: one request stuck behind a
+KV-blocked head, or a gap stretched by a prefill sharing the cores, must not swing admission by itself.
+The TTFT check scales the predicted TTFT by ``ttft_correction``: the 90th percentile of the recent ratios of the
+TTFT the gateway measured (from the request's arrival: tokenizing, placing, queueing, prefill) to the one predicted
+at placement (the SLO binds the tail). On one shared CPU the gateway's own work under a flood of requests takes cores the calibration gave to
+prefill: at 10x overload the accepted requests' TTFT ran 2-3x past the prediction until this was learnt.
 """
 
 from __future__ import annotations
@@ -28,6 +40,14 @@ from collections import deque
 from dataclasses import dataclass
 
 MIN_GAPS_TO_LEARN = 8  # output tokens a finished request needs before its mean gap corrects the planner
+CORRECTION_RANGE = (0.5, 2.0)  # one finish's observed/predicted ratio is clamped to this before it is averaged in
+TTFT_CORRECTION_RANGE = (0.5, 4.0)
+# The TTFT correction is a high percentile of the recent ratios, not their mean: the SLO binds the accepted requests'
+# p99, and admitting up to a mean prediction puts half of those near the limit above it (at 10x overload a running
+# mean left the p99 at 1.03-1.3x the SLO). Few samples, so every request admitted before it is learnt counts little.
+TTFT_RATIO_SAMPLES = 64
+TTFT_RATIO_PERCENTILE = 0.9
+MIN_PREDICTED_TTFT_S = 0.05  # below this a ratio says more about timer noise than about the planner
 
 
 @dataclass
@@ -41,6 +61,13 @@ class InFlight:
     placed_at: float
     decode_start: float  # estimated: placed_at + predicted TTFT
     predicted_tbt_s: float = 0.0  # the decode step time predicted at placement
+    observed_step_sum_s: float = 0.0  # the steps predicted for the decode batches heartbeats reported while it ran
+    observed_steps: int = 0
+
+    @property
+    def planned_tbt_s(self) -> float:
+        """The step the planner predicts for the batches this request ran in (placement's guess before any beat)."""
+        return self.observed_step_sum_s / self.observed_steps if self.observed_steps else self.predicted_tbt_s
 
     @property
     def kv_tokens(self) -> int:
@@ -57,6 +84,8 @@ class Ledger:
         self.mean_output_tokens = float(default_output_tokens)
         self.mean_tbt_s = 0.0  # seconds per output token in decode, learnt from finished requests
         self.tbt_correction = 1.0  # observed mean gap / predicted step time, learnt from finished requests
+        self.ttft_correction = 1.0  # observed TTFT / TTFT predicted at placement, learnt from finished requests
+        self._ttft_ratios: deque[float] = deque(maxlen=TTFT_RATIO_SAMPLES)
         self.ema_weight = ema_weight
         self.release_confidence = release_confidence
         self.output_sample_size = output_sample_size
@@ -77,7 +106,7 @@ class Ledger:
             self._inflight[entry.request_id] = entry
 
     def finish(self, request_id: str, completion_tokens: int | None = None, mean_tbt_s: float | None = None,
-               now: float | None = None) -> InFlight | None:
+               now: float | None = None, ttft_s: float | None = None) -> InFlight | None:
         """Forget a request; learn from its output length and its mean time per output token when given.
 
         ``now`` is when it finished (default: the latest time the ledger saw, which can predate a heartbeat
@@ -89,6 +118,12 @@ class Ledger:
                 out = completion_tokens if completion_tokens is not None else entry.expected_output
                 self._recent.append((self.clock if now is None else now, entry.decode_id, entry.prompt_tokens + out))
             w = self.ema_weight
+            predicted_ttft = entry.decode_start - entry.placed_at if entry is not None else 0.0
+            if ttft_s is not None and ttft_s > 0 and predicted_ttft >= MIN_PREDICTED_TTFT_S:
+                low, high = TTFT_CORRECTION_RANGE
+                self._ttft_ratios.append(min(high, max(low, ttft_s / predicted_ttft)))
+                ranked = sorted(self._ttft_ratios)
+                self.ttft_correction = ranked[min(len(ranked) - 1, int(TTFT_RATIO_PERCENTILE * len(ranked)))]
             if completion_tokens is not None and completion_tokens > 0:
                 self._remember_output(completion_tokens)
                 self.mean_output_tokens = (1 - w) * self.mean_output_tokens + w * completion_tokens
@@ -96,11 +131,22 @@ class Ledger:
                 self.mean_tbt_s = mean_tbt_s if self.mean_tbt_s == 0 else (1 - w) * self.mean_tbt_s + w * mean_tbt_s
                 # Short outputs say little: their mean gap is mostly the first one, which also waits for the
                 # step in progress to end before joining.
-                if entry is not None and entry.predicted_tbt_s > 0 and (completion_tokens or 0) >= MIN_GAPS_TO_LEARN:
-                    # Clamped: one request stuck behind a KV-blocked head must not swing admission by itself.
-                    ratio = min(4.0, max(0.25, mean_tbt_s / entry.predicted_tbt_s))
+                if entry is not None and entry.planned_tbt_s > 0 and (completion_tokens or 0) >= MIN_GAPS_TO_LEARN:
+                    low, high = CORRECTION_RANGE
+                    ratio = min(high, max(low, mean_tbt_s / entry.planned_tbt_s))
                     self.tbt_correction = (1 - w) * self.tbt_correction + w * ratio
             return entry
+
+    def observe_decode(self, decode_id: str, step_s: float, now: float) -> None:
+        """A heartbeat of ``decode_id`` reported a batch the planner puts at ``step_s`` per step: every request
+        decoding there (by its estimated decode start) ran a step of about that size."""
+        if step_s <= 0:
+            return
+        with self._lock:
+            for e in self._inflight.values():
+                if e.decode_id == decode_id and e.decode_start <= now:
+                    e.observed_step_sum_s += step_s
+                    e.observed_steps += 1
 
     def _remember_output(self, n: int) -> None:
         self._outputs.append(n)
@@ -177,7 +223,7 @@ class Ledger:
                 # The step time planned at placement, corrected by what finished requests showed: a request on a
                 # machine slower than the fit is further from done than the plan says. (The learnt mean gap alone
                 # includes decode-queue waits.)
-                tpt = max(e.predicted_tbt_s * self.tbt_correction, 1e-6)
+                tpt = max(e.planned_tbt_s * self.tbt_correction, 1e-6)
                 p = self.finish_probability((now - e.decode_start) / tpt, (at - e.decode_start) / tpt,
                                             e.expected_output)
                 if p >= self.release_confidence:

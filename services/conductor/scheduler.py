@@ -10,7 +10,7 @@ import math
 import threading
 from dataclasses import dataclass, field
 
-from crescent.services.conductor.cluster import InstanceState, Placement, Rejection, Request, Role, Slo
+from crescent.services.conductor.cluster import InstanceState, Load, Placement, Rejection, Request, Role, Slo
 from crescent.services.conductor.cost_model import CostModel
 from crescent.services.conductor.kv_index import KvIndex
 from crescent.services.conductor.ledger import InFlight, Ledger
@@ -107,8 +107,15 @@ class Conductor:
                 self._seq += 1
             return result
 
+    def observe_heartbeat(self, instance_id: str, load: Load, now: float) -> None:
+        """A decode-side heartbeat: tell the ledger the step the planner predicts for the batch it reported."""
+        state = self.registry.get(instance_id)
+        if state is not None and state.info.role in (Role.DECODE, Role.WORKER) and load.running > 0:
+            self.ledger.observe_decode(instance_id, self.cost.decode_step_time(load.running,
+                                                                               load.running_context_tokens), now)
+
     def finish(self, request_id: str, completion_tokens: int | None = None, mean_tbt_s: float | None = None,
-               now: float | None = None) -> bool:
+               now: float | None = None, ttft_s: float | None = None) -> bool:
         """``now``: when it finished, on the clock ``place`` gets (the predicted mode subtracts finishes a decode
         instance's last heartbeat still counted)."""
-        return self.ledger.finish(request_id, completion_tokens, mean_tbt_s, now) is not None
+        return self.ledger.finish(request_id, completion_tokens, mean_tbt_s, now, ttft_s) is not None

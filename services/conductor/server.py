@@ -38,10 +38,19 @@ def build_conductor(settings: ConductorSettings) -> Conductor:
                                             settings.redis_retry_s)
     else:
         registry, index = Registry(settings.heartbeat_timeout_s), KvIndex()
-    slo = Slo(ttft_s=settings.ttft_slo_s, tbt_s=settings.tbt_slo_s,
+    sized_ttft, sized_tbt = cost.sized_slos()
+    slo = Slo(ttft_s=settings.ttft_slo_s or sized_ttft, tbt_s=settings.tbt_slo_s or sized_tbt,
               max_queue_per_instance=settings.max_queue_per_instance)
+    rejection = settings.rejection
+    if rejection == "auto":
+        rejection = "predicted" if cost.calibrated else "load"
+    log.info("admission: %s rejection, TTFT SLO %.3gs%s, TBT SLO %.3gs%s, %d queued per prefill instance; cost "
+             "model: %s", rejection, slo.ttft_s, "" if settings.ttft_slo_s else " (sized)", slo.tbt_s,
+             "" if settings.tbt_slo_s else " (sized)", slo.max_queue_per_instance, cost.source)
+    metrics.CONDUCTOR_SLO.labels("ttft").set(slo.ttft_s)
+    metrics.CONDUCTOR_SLO.labels("tbt").set(slo.tbt_s)
     return Conductor(registry=registry, index=index, cost=cost, policy=settings.policy,  # type: ignore[arg-type]
-                     rejection=settings.rejection, slo=slo,
+                     rejection=rejection, slo=slo,
                      kvcache_balancing_threshold=settings.kvcache_balancing_threshold,
                      suspect_after_s=settings.suspect_after_s, stand_in=settings.stand_in)
 
@@ -64,8 +73,10 @@ class ConductorServicer(conductor_pb2_grpc.ConductorServicer):
                                               heartbeat_timeout_s=self.settings.heartbeat_timeout_s)
 
     async def Heartbeat(self, request, context):
-        known = self.c.registry.heartbeat(request.instance_id, convert.load_from_proto(request.load),
-                                          self.clock.now())
+        load, now = convert.load_from_proto(request.load), self.clock.now()
+        known = self.c.registry.heartbeat(request.instance_id, load, now)
+        if known:
+            self.c.observe_heartbeat(request.instance_id, load, now)
         return conductor_pb2.HeartbeatResponse(known=known)
 
     async def Deregister(self, request, context):
@@ -105,7 +116,8 @@ class ConductorServicer(conductor_pb2_grpc.ConductorServicer):
     async def Finish(self, request, context):
         ok = request.ok
         self.c.finish(request.request_id, request.completion_tokens if ok else None,
-                      request.mean_tbt_s if ok else None, now=self.clock.now())
+                      request.mean_tbt_s if ok else None, now=self.clock.now(),
+                      ttft_s=request.ttft_s if ok else None)
         return common_pb2.Ack()
 
     async def ListInstances(self, request, context):

@@ -17,9 +17,16 @@ class ConductorSettings(CrescentSettings):
     port: int = Field(50051, description="gRPC port.", ge=0, le=65535)
     metrics_port: int = Field(9051, description="Prometheus /metrics port; 0 = none.", ge=0, le=65535)
     policy: str = Field("cache_aware", description="round_robin, least_loaded, cache_aware or mooncake.")
-    rejection: str = Field("load", description="Early rejection: none, load or predicted (queue cap always).")
-    ttft_slo_s: float = Field(10.0, description="Time-to-first-token SLO the rejection modes protect.", gt=0)
-    tbt_slo_s: float = Field(0.2, description="Time-between-tokens SLO the rejection modes protect.", gt=0)
+    rejection: str = Field(
+        "auto", description="Early rejection: none, load, predicted (the queue cap always applies), or auto: "
+        "predicted when cost_model_path holds a calibrated model (``crescent calibrate``), load otherwise.")
+    ttft_slo_s: float = Field(
+        0.0, description="Time-to-first-token SLO the rejection modes protect; 0 = sized from the cost model: 10x a "
+        "lone 256-token prefill (at least 1 s) when calibrated, else 10 s.", ge=0)
+    tbt_slo_s: float = Field(
+        0.0, description="Time-between-tokens SLO the rejection modes protect (on a request's slowest gaps); 0 = "
+        "sized from the cost model: 5x a lone decode step at 256 tokens of context when calibrated, else 0.2 s.",
+        ge=0)
     max_queue_per_instance: int = Field(64, description="Queued requests per prefill instance before 429.", ge=1)
     heartbeat_interval_s: float = Field(1.0, description="How often instances are told to heartbeat.", gt=0)
     heartbeat_timeout_s: float = Field(
@@ -87,6 +94,6 @@ class ConductorSettings(CrescentSettings):
     @field_validator("rejection")
     @classmethod
     def _known_rejection(cls, v: str) -> str:
-        if v not in REJECTION_MODES:
-            raise ValueError(f"unknown rejection mode {v!r}; choose one of {list(REJECTION_MODES)}")
+        if v != "auto" and v not in REJECTION_MODES:
+            raise ValueError(f"unknown rejection mode {v!r}; choose one of {['auto', *REJECTION_MODES]}")
         return v

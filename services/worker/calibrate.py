@@ -2,12 +2,20 @@
 
 The fits and the timing protocol are the conductor's (crescent.services.conductor.calibrate, torch-free); this
 module drives a real engine through them, so it lives with the worker runtime.
+
+``crescent calibrate --cache`` is what ``crescent up`` runs before it starts the cluster: it reuses the model cached
+for this (model, CPU model, accelerator, torch threads, dtype), or makes one with ``--quick`` points (a few small
+prompts and batches, min of 2: well under a minute on a 2-core CPU for the default model) and caches it under
+``<model cache>/cost_models/``. The last line it prints is ``cost model: PATH``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import platform
 import random
 import time
 from pathlib import Path
@@ -21,7 +29,13 @@ from crescent.services.conductor.calibrate import (
     calibrate_with_samples,
     fit_problems,
 )
-from crescent.settings import add_settings_flags, settings_from_flags
+from crescent.settings import add_settings_flags, default_model_cache, settings_from_flags
+
+# Small points: the fit needs the trend, not long prompts (their cost is the same p1/p2 terms, extrapolated).
+# Prompt tokens dominate the time (every decode point prefills its batch first, at every repeat): ~3,000 in all.
+QUICK_PREFILL_POINTS = ((16, 0), (64, 0), (192, 0), (32, 128))
+QUICK_DECODE_POINTS = ((1, 16), (4, 16), (16, 16), (4, 128))
+CACHE_METHOD = "quick-2"  # changes when the quick protocol does: models cached by an older one are measured again
 
 
 class EngineProfile:
@@ -95,9 +109,75 @@ def _points(text: str) -> tuple[tuple[int, int], ...]:
     return pairs  # type: ignore[return-value]
 
 
+def memory_bandwidth_bps(nbytes: int = 128 << 20, repeats: int = 3) -> float:
+    """Bytes/s this process copies memory at (read + write; best of ``repeats``): what a decode step reads each
+    cached K/V at on a CPU, measured in well under a second."""
+    import numpy as np
+
+    src = np.ones(nbytes // 8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _model_fingerprint(model: str) -> str:
+    """The folder's config and weight sizes: a different model under the same path is a different key."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return model
+    parts = [(folder / "config.json").read_text() if (folder / "config.json").is_file() else ""]
+    parts += [f"{f.name}:{f.stat().st_size}" for f in sorted(folder.glob("*.safetensors"))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_key(settings: EngineSettings) -> dict[str, str]:
+    """What a cost model depends on: the model, the CPU (or GPU), the torch threads and the dtype."""
+    import torch
+
+    device = settings.resolved_device()
+    threads = settings.torch_threads or torch.get_num_threads()
+    return {"method": CACHE_METHOD, "model": str(Path(settings.model).expanduser()), "model_fingerprint": _model_fingerprint(settings.model),
+            "cpu": _cpu_model(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": str(threads), "dtype": str(settings.resolved_dtype()).removeprefix("torch.")}
+
+
+def cached_path(cache_dir: Path, key: dict[str, str]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir / f"{Path(key['model']).name}-{digest}.json"
+
+
+def _usable(path: Path) -> bool:
+    from crescent.services.conductor.cost_model import CostModel
+
+    try:
+        model = CostModel.load(path)
+    except (OSError, ValueError, TypeError):
+        return False
+    return model.calibrated and not fit_problems(model)
+
+
 def calibrate_cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crescent calibrate", description=__doc__)
-    parser.add_argument("--out", required=True, help="Where to write the cost model JSON.")
+    parser.add_argument("--out", default="", help="Where to write the cost model JSON (required without --cache).")
+    parser.add_argument("--cache", nargs="?", const=str(default_model_cache() / "cost_models"), default="",
+                        help="Reuse the model cached in this folder for this model, CPU, threads and dtype, or "
+                             "calibrate and cache one (default folder: <model cache>/cost_models).")
+    parser.add_argument("--quick", action="store_true", help="The small point set (for --cache): seconds, not "
+                                                             "minutes; min of 2 per point, 4 decode steps.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--statistic", choices=sorted(STATISTICS), default="median",
                         help="Per point: median of the repeats, or min (best of N; steadier on a busy machine).")
@@ -112,13 +192,35 @@ def calibrate_cli(argv: list[str] | None = None) -> int:
     add_settings_flags(parser, EngineSettings)
     args = parser.parse_args(argv)
     settings = settings_from_flags(EngineSettings, args)
+    if not args.out and not args.cache:
+        parser.error("give --out PATH, or --cache [DIR]")
+    if args.quick:
+        args.prefill_points, args.decode_points = QUICK_PREFILL_POINTS, QUICK_DECODE_POINTS
+        args.repeats, args.statistic, args.decode_steps = 2, "min", 4
+    key: dict[str, str] = {}
+    if args.cache:
+        key = cache_key(settings)
+        cached = cached_path(Path(args.cache), key)
+        if _usable(cached):
+            print(f"reusing the cost model calibrated for {key}\ncost model: {cached}")
+            return 0
+        args.out = args.out or str(cached)
+    # Quick points have short contexts: d2 (per context token) comes from the memory bandwidth, on a CPU.
+    kv_read_bps = memory_bandwidth_bps() if args.quick and settings.resolved_device().type == "cpu" else None
     model, samples = calibrate_with_samples(
         lambda: EngineProfile(LLMEngine.from_settings(settings), decode_steps=args.decode_steps),
         args.prefill_points, args.decode_points, repeats=args.repeats, statistic=args.statistic,
+        kv_read_bps=kv_read_bps,
         source=f"calibrated: model={settings.model} device={settings.resolved_device()} dtype={settings.dtype} "
                f"threads={settings.torch_threads or 'default'}; {args.statistic} of {args.repeats} per point, "
-               f"{args.decode_steps} decode steps per timing" + (f"; {args.note}" if args.note else ""))
-    model.save(args.out)
+               f"{args.decode_steps} decode steps per timing"
+               + (f"; d2 from {kv_read_bps / 1e9:.1f} GB/s memory bandwidth" if kv_read_bps else "")
+               + (f"; key {key}" if key else "")
+               + (f"; {args.note}" if args.note else ""))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{args.out}.{os.getpid()}.tmp")
+    model.save(tmp)
+    tmp.replace(args.out)  # a concurrent `crescent up` reads a whole file or none
     if args.samples_out:
         Path(args.samples_out).write_text(json.dumps(samples, indent=2) + "\n")
     print(model.to_json())
@@ -127,4 +229,8 @@ def calibrate_cli(argv: list[str] | None = None) -> int:
             print(kind, " ".join(f"{k}={v}" for k, v in row.items()))
     for problem in fit_problems(model):
         print("WARNING:", problem)
+    if args.cache and fit_problems(model):
+        Path(args.out).unlink()  # never cached: the next `crescent up` measures again
+        return 1
+    print(f"cost model: {args.out}")
     return 0

@@ -81,9 +81,10 @@ def test_volumes_monitoring_and_published_ports():
     assert "volumes" not in services["gateway"]  # the front image carries the default model's tokenizer
     assert services["gateway"]["ports"] == ["127.0.0.1:8000:8000"]
     assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+    assert "./deploy/cost-models:/etc/crescent/cost-models:ro" in services["conductor"]["volumes"]
     grafana_mounts = services["grafana"]["volumes"]
     assert any(v.startswith("./deploy/grafana/crescent-dashboard.json:") for v in grafana_mounts)
-    for mount in grafana_mounts + services["prometheus"]["volumes"]:
+    for mount in grafana_mounts + services["prometheus"]["volumes"] + services["conductor"]["volumes"]:
         if mount.startswith("./"):
             assert (REPO / mount.split(":")[0]).exists(), mount
 

@@ -45,8 +45,8 @@ def env_of(workload: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_expected_examples_exist():
-    assert {"default", "multi-conductor", "gpu-workers", "hostpath-model", "monitoring", "secure-gateway",
-            "huggingface-model"} <= set(CASES)
+    assert {"default", "calibrated", "multi-conductor", "gpu-workers", "hostpath-model", "monitoring",
+            "secure-gateway", "huggingface-model"} <= set(CASES)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -240,3 +240,16 @@ def test_vllm_workers_render_with_the_engine_and_their_image():
     default = next(d for d in render_case("default") if d["kind"] == "Deployment"
                    and d["metadata"]["name"].endswith("prefill"))
     assert "CRESCENT_ENGINE" not in env_of(default)  # crescent's engine is the default
+
+
+def test_a_calibrated_cost_model_reaches_the_conductor_from_a_config_map():
+    from crescent.services.conductor.cost_model import CostModel
+
+    docs = render_case("calibrated")
+    conductor = find(docs, "Deployment", "conductor")
+    path = env_of(conductor)["CRESCENT_COST_MODEL_PATH"]
+    mount = next(m for m in container(conductor)["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in conductor["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"])
+    assert CostModel.from_json(config["data"][path.rsplit("/", 1)[1]]).calibrated  # `auto` rejection: predicted
+    assert "CRESCENT_COST_MODEL_PATH" not in env_of(find(render_case("default"), "Deployment", "conductor"))

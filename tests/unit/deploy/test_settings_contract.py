@@ -47,9 +47,9 @@ def compose_env() -> dict[str, dict[str, str]]:
                    for k, v in services[role]["environment"].items()} for role in DEPLOYED_ROLES}
 
 
-SOURCES = {f"chart:{case}": (lambda c=case: chart_env(c)) for case in ("default", "gpu-workers", "hostpath-model",
-                                                                       "multi-conductor", "huggingface-model",
-                                                                       "secure-gateway")}
+SOURCES = {f"chart:{case}": (lambda c=case: chart_env(c)) for case in ("default", "calibrated", "gpu-workers",
+                                                                       "hostpath-model", "multi-conductor",
+                                                                       "huggingface-model", "secure-gateway")}
 SOURCES["docker-compose"] = compose_env
 
 

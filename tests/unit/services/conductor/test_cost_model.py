@@ -46,3 +46,13 @@ def test_transfer_time_by_tier():
     assert m.transfer_time(1000, Tier.DRAM) == pytest.approx(0.1)
     assert m.tiers_transfer_time([Tier.DRAM, Tier.SSD], block_size=10) == pytest.approx(0.001 + 0.01)
     assert m.prefill_time(0) == 0.0 and m.decode_step_time(0, 0) == 0.0
+
+
+def test_decode_fit_can_take_the_context_cost_as_given():
+    # Short contexts cannot tell d2 from noise: with it given (KV bytes over measured bandwidth) d0, d1 still fit.
+    d0, d1, d2 = 0.02, 5e-4, 1e-5
+    samples = [(b, b * ctx, d0 + d1 * b + d2 * b * ctx) for b, ctx in ((1, 16), (4, 16), (16, 16), (4, 128))]
+    assert fit_decode(samples, context_s=d2) == pytest.approx((d0, d1, d2), rel=1e-6)
+    noisy = [(b, c, t * (1.3 if b == 4 and c == 512 else 1.0)) for b, c, t in samples]
+    assert fit_decode(noisy)[2] > 2.5 * d2  # a free fit blames 30% noise at one point on the context term
+    assert fit_decode(noisy, context_s=d2)[2] == d2
