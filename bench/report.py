@@ -42,9 +42,14 @@ def _machine_key(run: dict[str, Any]) -> str:
     return json.dumps(run.get("machine"), sort_keys=True)
 
 
+def _matches(value: Any, wanted: Any) -> bool:
+    """A config value equals ``wanted``, or is one of a tuple of accepted values."""
+    return value in wanted if isinstance(wanted, tuple) else value == wanted
+
+
 def select(row: Row, runs: list[dict[str, Any]]) -> Selection:
     """The runs at the newest clean commit (by run time) with the newest clean run's config and machine."""
-    recorded = [r for r in runs if all(r.get("config", {}).get(k) == v for k, v in row.match.items())]
+    recorded = [r for r in runs if all(_matches(r.get("config", {}).get(k), v) for k, v in row.match.items())]
     clean = [r for r in recorded if quotable(r)]
     if not clean:
         return Selection([], recorded)
