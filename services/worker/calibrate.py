@@ -160,6 +160,15 @@ def cached_path(cache_dir: Path, key: dict[str, str]) -> Path:
     return cache_dir / f"{Path(key['model']).name}-{digest}.json"
 
 
+def busy_reason(load_1min: float, cores: int) -> str:
+    """Why a calibration just made should not be cached ('' = it may be): the machine ran more than half again as
+    many runnable tasks as it has cores, so every timing is inflated by others' work. A cached model outlives the
+    moment; one measured under load makes admission refuse requests the quiet machine would serve."""
+    if load_1min > 1.5 * cores:
+        return f"load average {load_1min:.1f} on {cores} cores"
+    return ""
+
+
 def _usable(path: Path) -> bool:
     from crescent.services.conductor.cost_model import CostModel
 
@@ -232,5 +241,11 @@ def calibrate_cli(argv: list[str] | None = None) -> int:
     if args.cache and fit_problems(model):
         Path(args.out).unlink()  # never cached: the next `crescent up` measures again
         return 1
+    if args.cache and (busy := busy_reason(os.getloadavg()[0], len(os.sched_getaffinity(0)))):
+        # this run uses it; the cache key's file is not left behind, so the next start measures again
+        busy_out = Path(args.out).with_suffix(".busy.json")
+        Path(args.out).replace(busy_out)
+        args.out = str(busy_out)
+        print(f"WARNING: the machine was busy while calibrating ({busy}): this model is used now but not cached")
     print(f"cost model: {args.out}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from crescent.engine.model_runner import kv_block_bytes
 from crescent.services.conductor.calibrate import calibrate
-from crescent.services.worker.calibrate import EngineProfile
+from crescent.services.worker.calibrate import EngineProfile, busy_reason
 from tests.unit.engine.helpers import make_engine, tiny_model
 
 
@@ -17,3 +17,9 @@ def test_calibrate_times_the_real_engine(tmp_path):
     assert model.prefill_time(64) > 0 and model.decode_step_time(4, 64) > 0
     assert all(c >= 0 for c in (*model.prefill_s, *model.decode_step_s))
     assert not engine.has_unfinished_requests()  # the profile cleans up after itself
+
+
+def test_a_calibration_on_a_busy_machine_is_not_cached():
+    assert busy_reason(1.2, 2) == "" and busy_reason(3.0, 2) == ""
+    assert busy_reason(3.1, 2) == "load average 3.1 on 2 cores"
+    assert busy_reason(17.0, 16) == ""
