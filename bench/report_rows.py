@@ -117,9 +117,10 @@ ROWS: tuple[Row, ...] = (
            Quote("failed requests (disagg prefix)", at("comparison", f"crescent-disagg/prefix_rep_4x768_c{c}",
                                                        "failed_requests"), "{:.0f}", le(0.0, "0"))),
           match={"concurrency": (str(c), "8,32")}, note=note)
-      for c, note in ((8, "the failed requests are 429 ttft_slo from the default admission (auto: predicted, with a "
-                          "cost model calibrated while the machine was busy, and cached)"),
-                      (32, "the failed requests are 429 ttft_slo from the default admission (see concurrency 8)"))),
+      for c, note in ((8, "the failed requests are 429s from the default admission (auto: predicted) with a cost "
+                          "model calibrated while the machine was busy and cached; a burst replayed with that model "
+                          "was refused with ttft_slo only; such models are no longer cached (b117f2e)"),
+                      (32, "the failed requests are 429s from the default admission (see concurrency 8)"))),
     Row("store, end to end", "TTFT of a 2K-token prompt whose first 90% is in the kvstore vs cold, SmolLM2",
         "python -m bench.store.e2e_ttft --trials 6", "store_e2e_ttft",
         (Quote("warm/cold", at("warm_over_cold"), "{:.2f}", le(0.35, "<= 0.35")),
