@@ -24,6 +24,7 @@ import pytest
 
 from crescent.services.common.launcher import free_port, http_ok
 from crescent.services.conductor.cost_model import CostModel
+from tests.e2e.procs import flag_value, service_children
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_S = 420  # a first run on a fresh machine calibrates (seconds on a quiet 2-core CPU; minutes on a busy one)
@@ -65,23 +66,8 @@ def cluster(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _services(parent_pid: int) -> dict[str, int]:
-    """role -> pid of `crescent up`'s service processes."""
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if ppid == parent_pid and b"serve" in cmdline:
-            found[cmdline[cmdline.index(b"serve") + 1].decode()] = int(stat.parent.name)
-    return found
 
 
-def _flag(pid: int, name: str) -> str:
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-    return argv[argv.index(name) + 1]
 
 
 def _rss_kib(pid: int) -> int:
@@ -177,10 +163,10 @@ async def _overload(url: str, model: str, rate: float, count: int, read_timeout_
 
 def test_ten_times_capacity_for_a_minute_429s_with_retry_after_slo_kept_memory_flat(cluster):
     url, up_pid, log_dir = cluster
-    pids = _services(up_pid)
+    pids = service_children(up_pid)
     assert {"conductor", "gateway", "prefill", "decode", "kvstore"} <= set(pids), pids
-    metrics = f"http://127.0.0.1:{_flag(pids['conductor'], '--metrics-port')}/metrics"
-    cost = CostModel.load(_flag(pids["conductor"], "--cost-model-path"))
+    metrics = f"http://127.0.0.1:{flag_value(pids['conductor'], '--metrics-port')}/metrics"
+    cost = CostModel.load(flag_value(pids["conductor"], "--cost-model-path"))
     assert cost.calibrated, cost.source  # crescent up measured (or reused) this machine's model
     ttft_slo = _metric(metrics, "crescent_conductor_slo_seconds", 'kind="ttft"')
     tbt_slo = _metric(metrics, "crescent_conductor_slo_seconds", 'kind="tbt"')

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from crescent.services.common.launcher import free_port, http_ok
+from tests.e2e.procs import flag_value, service_children
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_S = 240
@@ -66,29 +67,14 @@ def test_capital_of_france(gateway_url):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply.choices[0].message.content
 
 
-def _children(parent_pid: int) -> dict[str, int]:
-    """role -> pid of `crescent up`'s service processes (its direct children, `crescent.cli serve ROLE`)."""
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if int(fields[1]) == parent_pid and b"serve" in cmdline:
-            found[cmdline[cmdline.index(b"serve") + 1].decode()] = int(stat.parent.name)
-    return found
 
 
-def _flag(pid: int, name: str) -> str:
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-    return argv[argv.index(name) + 1]
 
 
 def _dropped_instances(conductor_pid: int) -> float:
     import httpx
 
-    text = httpx.get(f"http://127.0.0.1:{_flag(conductor_pid, '--metrics-port')}/metrics", timeout=10).text
+    text = httpx.get(f"http://127.0.0.1:{flag_value(conductor_pid, '--metrics-port')}/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("crescent_conductor_instances_dropped_total{"))
 
@@ -104,7 +90,7 @@ def test_long_prompts_with_shared_prefixes_all_succeed_and_no_worker_is_dropped(
     rng = random.Random(7)
     words = ["river", "stone", "cloud", "garden", "window", "letter", "candle", "forest", "market", "bridge"]
     prefixes = [" ".join(rng.choice(words) for _ in range(760)) for _ in range(4)]
-    dropped_before = _dropped_instances(_children(_UP["pid"])["conductor"])
+    dropped_before = _dropped_instances(service_children(_UP["pid"])["conductor"])
 
     def one(i: int):
         text = prefixes[i % 4] + f"\nQuestion {i}: " + " ".join(rng.choice(words) for _ in range(60))
@@ -114,7 +100,7 @@ def test_long_prompts_with_shared_prefixes_all_succeed_and_no_worker_is_dropped(
         replies = list(pool.map(one, range(32)))
     assert len(replies) == 32 and all(r.choices[0].finish_reason in ("stop", "length") for r in replies)
     assert all(700 <= r.usage.prompt_tokens <= 1000 for r in replies), [r.usage.prompt_tokens for r in replies]
-    assert _dropped_instances(_children(_UP["pid"])["conductor"]) == dropped_before
+    assert _dropped_instances(service_children(_UP["pid"])["conductor"]) == dropped_before
 
 
 COUNT_PROMPT = [{"role": "user", "content": "Count from one to forty in words."}]
@@ -162,7 +148,7 @@ def test_kill_9_of_any_service_under_crescent_up(gateway_url, role):
     model = client.models.list().data[0].id
     reference = client.chat.completions.create(model=model, messages=COUNT_PROMPT, max_tokens=64,
                                                temperature=0).choices[0].message.content
-    pids = _children(_UP["pid"])
+    pids = service_children(_UP["pid"])
     assert role in pids, pids
     with cf.ThreadPoolExecutor(5) as pool:
         futures = [pool.submit(_stream_outcome, client, model) for _ in range(4)]
@@ -179,7 +165,7 @@ def test_kill_9_of_any_service_under_crescent_up(gateway_url, role):
     # the issue's bound: a new request is served within 10 s of the kill
     assert recovered_s < 10.0, f"first new request served {recovered_s:.1f}s after killing {role}"
     wait_for = time.monotonic() + 60
-    while _children(_UP["pid"]).get(role) in (None, pids[role]):  # a new process serves the role
+    while service_children(_UP["pid"]).get(role) in (None, pids[role]):  # a new process serves the role
         assert time.monotonic() < wait_for, f"crescent up did not restart {role}"
         time.sleep(0.5)
     print(f"{role}: recovered in {recovered_s:.1f}s; streams {[o for o, _ in outcomes]}")
