@@ -24,6 +24,15 @@ def default_model_cache() -> Path:
     return Path.home() / ".cache" / "crescent" / "models"
 
 
+def read_secret_file(path: str, field: str) -> str:
+    """A secret from a file (a mounted Kubernetes Secret), surrounding whitespace dropped; ValueError naming
+    ``field`` when it cannot be read."""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{field} {path}: {exc.strerror}") from None
+
+
 class CrescentSettings(BaseSettings):
     """Fields every service shares."""
 
@@ -48,10 +57,7 @@ class CrescentSettings(BaseSettings):
         if self.internal_token_file:
             if self.internal_token.get_secret_value():
                 raise ValueError("set internal_token or internal_token_file, not both")
-            try:
-                text = Path(self.internal_token_file).read_text().strip()
-            except OSError as exc:
-                raise ValueError(f"internal_token_file {self.internal_token_file}: {exc.strerror}") from None
+            text = read_secret_file(self.internal_token_file, "internal_token_file")
             if not text:  # starting open because a mount came up empty would be a silent hole
                 raise ValueError(f"internal_token_file {self.internal_token_file} is empty")
             self.internal_token = SecretStr(text)

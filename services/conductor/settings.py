@@ -8,7 +8,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from crescent.services.conductor.policies import get_policy
 from crescent.services.conductor.rejection import REJECTION_MODES
-from crescent.settings import CrescentSettings
+from crescent.settings import CrescentSettings, read_secret_file
 
 
 class ConductorSettings(CrescentSettings):
@@ -73,10 +73,7 @@ class ConductorSettings(CrescentSettings):
         if self.redis_password_file:
             if self.redis_password.get_secret_value():
                 raise ValueError("set redis_password or redis_password_file, not both")
-            try:
-                self.redis_password = SecretStr(Path(self.redis_password_file).read_text().strip())
-            except OSError as exc:
-                raise ValueError(f"redis_password_file {self.redis_password_file}: {exc.strerror}") from None
+            self.redis_password = SecretStr(read_secret_file(self.redis_password_file, "redis_password_file"))
         if bool(self.redis_tls_cert_file) != bool(self.redis_tls_key_file):
             raise ValueError("redis_tls_cert_file and redis_tls_key_file go together")
         for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file"):
