@@ -131,8 +131,8 @@ class Simulator:
             prefill = [p.state(now) for p in self.prefill.values()]
             decode = [d.state(now) for d in self.decode.values()]
         else:
-            prefill = add_reservations([copy.copy(s) for s in self.reports["prefill"]], self.ledger)
-            decode = add_reservations([copy.copy(s) for s in self.reports["decode"]], self.ledger)
+            prefill = add_reservations([copy.copy(s) for s in self.reports["prefill"]], self.ledger, now)
+            decode = add_reservations([copy.copy(s) for s in self.reports["decode"]], self.ledger, now)
         return ClusterView(prefill=prefill, decode=decode, kvstore=[self.store.state()],
                            index=self.index, cost=self.cfg.cost, ledger=self.ledger, now=now, seq=self.placements,
                            kvcache_balancing_threshold=self.cfg.kvcache_balancing_threshold, slo=self.slo)

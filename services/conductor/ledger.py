@@ -47,7 +47,14 @@ TTFT_CORRECTION_RANGE = (0.5, 4.0)
 # mean left the p99 at 1.03-1.3x the SLO). Few samples, so every request admitted before it is learnt counts little.
 TTFT_RATIO_SAMPLES = 64
 TTFT_RATIO_PERCENTILE = 0.9
-MIN_PREDICTED_TTFT_S = 0.05  # below this a ratio says more about timer noise than about the planner
+# Until this many TTFTs are in, the missing ones count as the plan's (ratio 1): with one sample the 90th percentile is
+# that sample, and a cluster's first request (cold caches: 4.6 s against 0.17 s predicted) set the correction to its
+# clamp, 4x, which then refused a burst of long prompts the machine served in time.
+TTFT_PRIOR_SAMPLES = 16
+# Below this a ratio says more about the fixed costs around prefill (HTTP, tokenizing, two gRPC hops: ~0.3 s on a busy
+# 2-core machine) than about the planner: two 37-token chats predicted at 0.08-0.17 s and served in 0.4 s and (cold)
+# 7.9 s taught "4x" and refused a burst of long prompts that the plan had right.
+MIN_PREDICTED_TTFT_S = 0.5
 
 
 @dataclass
@@ -63,6 +70,7 @@ class InFlight:
     predicted_tbt_s: float = 0.0  # the decode step time predicted at placement
     observed_step_sum_s: float = 0.0  # the steps predicted for the decode batches heartbeats reported while it ran
     observed_steps: int = 0
+    block_hashes: tuple[int, ...] = ()  # the prompt's full-block hashes: its prefill leaves them in its instance's cache
 
     @property
     def planned_tbt_s(self) -> float:
@@ -122,7 +130,7 @@ class Ledger:
             if ttft_s is not None and ttft_s > 0 and predicted_ttft >= MIN_PREDICTED_TTFT_S:
                 low, high = TTFT_CORRECTION_RANGE
                 self._ttft_ratios.append(min(high, max(low, ttft_s / predicted_ttft)))
-                ranked = sorted(self._ttft_ratios)
+                ranked = sorted([*self._ttft_ratios, *[1.0] * (TTFT_PRIOR_SAMPLES - len(self._ttft_ratios))])
                 self.ttft_correction = ranked[min(len(ranked) - 1, int(TTFT_RATIO_PERCENTILE * len(ranked)))]
             if completion_tokens is not None and completion_tokens > 0:
                 self._remember_output(completion_tokens)
@@ -173,11 +181,40 @@ class Ledger:
                 del self._inflight[rid]
         return len(stale)
 
+    def pending_prefix(self, instance_id: str, hashes: tuple[int, ...]) -> int:
+        """Longest prefix of ``hashes`` that a request admitted to prefill on ``instance_id`` shares: queued ahead
+        of a new request there, it leaves those blocks in the instance's cache before the new one runs (the KV index
+        learns of them only once they are computed). Without this a burst of prompts sharing a prefix was planned as
+        if each computed all of it: 32 prompts of ~850 tokens behind 4 prefixes predicted ~4x the real queue."""
+        if not hashes:
+            return 0
+        best = 0
+        with self._lock:
+            for e in self._inflight.values():
+                if e.prefill_id != instance_id or not e.block_hashes or e.block_hashes[0] != hashes[0]:
+                    continue
+                n = 0
+                for a, b in zip(e.block_hashes, hashes, strict=False):
+                    if a != b:
+                        break
+                    n += 1
+                best = max(best, n)
+        return best
+
     def __len__(self) -> int:
         return len(self._inflight)
 
-    def reserved(self, instance_id: str, since: float) -> tuple[int, int, int]:
-        """(requests, prefill tokens, context tokens) placed on ``instance_id`` after time ``since``."""
+    def reserved(self, instance_id: str, since: float, now: float | None = None) -> tuple[int, int, int]:
+        """(requests, prefill tokens, context tokens) placed on ``instance_id`` after time ``since``.
+
+        With ``now``, the prefill tokens of a request the plan says has left prefill by then (its TTFT predicted at
+        placement, scaled by the learnt ``ttft_correction``, has passed) no longer count in its prefill instance's
+        queue: counting every placement since the last heartbeat as queued charged a short prompt's prefill to every
+        request behind it for up to a heartbeat after it was done (the simulator's 1 s reports over sub-second
+        prefills predicted queues of work already finished and refused on TTFT what it could serve). The request
+        itself still counts until the next heartbeat: the queue cap must hold when the plan is wrong (an uncalibrated
+        model's 20 ms prefills would otherwise empty a queue that takes seconds).
+        """
         requests = prefill_tokens = context = 0
         with self._lock:
             for e in self._inflight.values():
@@ -185,7 +222,8 @@ class Ledger:
                     continue
                 # an aggregated worker holds both halves of a request: it is one request in its engine
                 requests += instance_id in (e.prefill_id, e.decode_id)
-                if e.prefill_id == instance_id:
+                if e.prefill_id == instance_id and (
+                        now is None or e.placed_at + (e.decode_start - e.placed_at) * self.ttft_correction > now):
                     prefill_tokens += e.new_prefill_tokens
                 if e.decode_id == instance_id:
                     context += e.prompt_tokens

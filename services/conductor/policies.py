@@ -34,6 +34,13 @@ def _usable_blocks(req: Request, n: int) -> int:
     return max(0, min(n, len(req.block_hashes), (req.prompt_tokens - 1) // req.block_size))
 
 
+def own_prefix(view: ClusterView, instance_id: str, req: Request) -> int:
+    """Prefix blocks ``instance_id`` will hold when ``req`` runs there: those the KV index lists in its cache, or
+    those a request queued ahead of it on that instance computes first (``Ledger.pending_prefix``)."""
+    return max(len(view.index.prefix_tiers(instance_id, req.block_hashes)),
+               view.ledger.pending_prefix(instance_id, req.block_hashes))
+
+
 def _option(view: ClusterView, inst: InstanceState, req: Request, blocks: int, transfer_s: float) -> float:
     cached = blocks * req.block_size
     return transfer_s + view.cost.prefill_time(req.prompt_tokens - cached, cached)
@@ -49,7 +56,7 @@ def estimate_prefill(view: ClusterView, inst: InstanceState, req: Request, remot
     """
     cost, hashes = view.cost, req.block_hashes
     queue = cost.queue_time(inst.queued_requests, inst.queued_prefill_tokens)
-    own = _usable_blocks(req, len(view.index.prefix_tiers(inst.instance_id, hashes)))
+    own = _usable_blocks(req, own_prefix(view, inst.instance_id, req))
     best = PrefillEstimate(inst, queue + _option(view, inst, req, own, 0.0), own,
                            inst.instance_id if own else "", Tier.DEVICE if own else None)
     for store in view.kvstore:
@@ -168,8 +175,7 @@ def cache_aware(view: ClusterView, req: Request) -> Placement | Rejection:
         return r
 
     def key(p: InstanceState) -> tuple[int, float, str]:
-        own = len(view.index.prefix_tiers(p.instance_id, req.block_hashes))
-        return (-own, view.cost.queue_time(p.queued_requests, p.queued_prefill_tokens), p.instance_id)
+        return (-own_prefix(view, p.instance_id, req), view.cost.queue_time(p.queued_requests, p.queued_prefill_tokens), p.instance_id)
 
     prefill = min(view.prefill, key=key)
     decode, tbt = pick_decode(view, req)
@@ -188,9 +194,11 @@ def mooncake(view: ClusterView, req: Request) -> Placement | Rejection:
     """
     if (r := _no_instance(view)) is not None:
         return r
-    owns = {p.instance_id: len(view.index.prefix_tiers(p.instance_id, req.block_hashes)) for p in view.prefill}
-    holder = max(view.prefill, key=lambda p: (owns[p.instance_id], -p.queued_prefill_tokens)).instance_id
-    best_len = owns[holder]
+    # the prefix another instance could send is what it holds now; its own includes what its queue computes first
+    held = {p.instance_id: len(view.index.prefix_tiers(p.instance_id, req.block_hashes)) for p in view.prefill}
+    owns = {p.instance_id: own_prefix(view, p.instance_id, req) for p in view.prefill}
+    holder = max(view.prefill, key=lambda p: (held[p.instance_id], -p.queued_prefill_tokens)).instance_id
+    best_len = held[holder]
     estimates = []
     for p in view.prefill:
         own = owns[p.instance_id]

@@ -44,15 +44,18 @@ def decide(view: ClusterView, req: Request, policy: str, rejection: str, slo: Sl
     view.ledger.add(InFlight(
         request_id=req.request_id, prefill_id=result.prefill.instance_id, decode_id=result.decode.instance_id,
         prompt_tokens=req.prompt_tokens, new_prefill_tokens=req.prompt_tokens - result.cached_blocks * req.block_size,
-        expected_output=expected, placed_at=view.now, decode_start=start, predicted_tbt_s=result.predicted_tbt_s))
+        expected_output=expected, placed_at=view.now, decode_start=start, predicted_tbt_s=result.predicted_tbt_s,
+        block_hashes=tuple(req.block_hashes)))
     return result
 
 
-def add_reservations(states: list[InstanceState], ledger: Ledger) -> list[InstanceState]:
-    """Add the work placed on each instance since its last heartbeat (not yet in the load it reported)."""
+def add_reservations(states: list[InstanceState], ledger: Ledger, now: float | None = None,
+                     ) -> list[InstanceState]:
+    """Add the work placed on each instance since its last heartbeat (not yet in the load it reported), less the
+    prefills the plan says are done by ``now`` (``Ledger.reserved``)."""
     for s in states:
         s.reserved_requests, s.reserved_prefill_tokens, s.reserved_context_tokens = ledger.reserved(
-            s.instance_id, s.last_heartbeat)
+            s.instance_id, s.last_heartbeat, now)
     return states
 
 
@@ -85,7 +88,7 @@ class Conductor:
                   if now - s.last_heartbeat <= self.suspect_after_s and s.instance_id not in avoid]
         if model_id:
             states = [s for s in states if s.info.role == Role.KVSTORE or s.info.model_id in ("", model_id)]
-        states = add_reservations(states, self.ledger)
+        states = add_reservations(states, self.ledger, now)
 
         def live(*roles: Role) -> list[InstanceState]:
             return [s for s in states if s.info.role in roles]

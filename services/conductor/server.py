@@ -15,7 +15,7 @@ from crescent.services.common import metrics
 from crescent.services.common.grpc_util import GrpcServer, reachable
 from crescent.services.common.run import run_service
 from crescent.services.conductor import convert
-from crescent.services.conductor.cluster import Clock, Placement, Request, Role, Slo, WallClock
+from crescent.services.conductor.cluster import Clock, Placement, Rejection, Request, Role, Slo, WallClock
 from crescent.services.conductor.cost_model import CostModel
 from crescent.services.conductor.kv_index import KvIndex
 from crescent.services.conductor.registry import InstanceIdTaken, Registry
@@ -111,6 +111,9 @@ class ConductorServicer(conductor_pb2_grpc.ConductorServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         _record_placement(result, req, self.c.policy)
+        if isinstance(result, Rejection):
+            log.debug("refused %s (%d prompt tokens): %s, retry after %.1f s; TTFT correction %.2f", req.request_id,
+                      req.prompt_tokens, result.reason, result.retry_after_s, self.c.ledger.ttft_correction)
         return convert.placement_to_proto(result)
 
     async def Finish(self, request, context):
@@ -118,6 +121,8 @@ class ConductorServicer(conductor_pb2_grpc.ConductorServicer):
         self.c.finish(request.request_id, request.completion_tokens if ok else None,
                       request.mean_tbt_s if ok else None, now=self.clock.now(),
                       ttft_s=request.ttft_s if ok else None)
+        metrics.CONDUCTOR_CORRECTION.labels("ttft").set(self.c.ledger.ttft_correction)
+        metrics.CONDUCTOR_CORRECTION.labels("tbt").set(self.c.ledger.tbt_correction)
         return common_pb2.Ack()
 
     async def ListInstances(self, request, context):

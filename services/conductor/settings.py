@@ -21,11 +21,13 @@ class ConductorSettings(CrescentSettings):
         "auto", description="Early rejection: none, load, predicted (the queue cap always applies), or auto: "
         "predicted when cost_model_path holds a calibrated model (``crescent calibrate``), load otherwise.")
     ttft_slo_s: float = Field(
-        0.0, description="Time-to-first-token SLO the rejection modes protect; 0 = sized from the cost model: 10x a "
-        "lone 256-token prefill (at least 1 s) when calibrated, else 10 s.", ge=0)
+        0.0, description="Time-to-first-token SLO the rejection modes protect; 0 = sized from the cost model when "
+        "calibrated: the larger of 10x a lone 256-token prefill (at least 1 s) and 1.5x one instance's prefill of 32 "
+        "such prompts at once (cost_model.py); else 10 s.", ge=0)
     tbt_slo_s: float = Field(
         0.0, description="Time-between-tokens SLO the rejection modes protect (on a request's slowest gaps); 0 = "
-        "sized from the cost model: 5x a lone decode step at 256 tokens of context when calibrated, else 0.2 s.",
+        "sized from the cost model when calibrated: the larger of 5x a lone decode step at 256 tokens of context and "
+        "1.5x the slowest step of a batch of 32 such requests (cost_model.py); else 0.2 s.",
         ge=0)
     max_queue_per_instance: int = Field(64, description="Queued requests per prefill instance before 429.", ge=1)
     heartbeat_interval_s: float = Field(1.0, description="How often instances are told to heartbeat.", gt=0)

@@ -141,3 +141,31 @@ def test_bad_config():
         SchedulerConfig(max_num_seqs=0)
     with pytest.raises(ValueError, match="num_blocks"):
         BlockManager(0, BS)
+
+
+def test_a_prompt_waits_one_step_for_the_prefix_another_prompt_is_computing():
+    bm = BlockManager(32, BS)
+    sched = Scheduler(SchedulerConfig(), bm)
+    shared = list(range(12))  # three full blocks
+    a, b, c = seq("a", shared + [90, 91]), seq("b", shared + [80, 81]), seq("c", [70] * 9)
+    for s in (a, b, c):
+        sched.add(s)
+    first = step(sched)
+    assert [s.seq.request_id for s in first.seqs] == ["a", "c"]  # b would have computed a's blocks again
+    assert list(sched.waiting) == [b]
+    second = step(sched)
+    assert [(s.seq.request_id, s.num_new) for s in second.seqs if s.seq is b] == [("b", 2)]
+    assert b.num_cached_tokens == 12 and sched.prefix_hit_tokens == 12
+
+
+def test_a_chunked_prompt_holds_back_only_what_shares_its_uncommitted_blocks():
+    bm = BlockManager(32, BS)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=8), bm)
+    a, b = seq("a", list(range(16)) + [99]), seq("b", list(range(16)) + [98])
+    sched.add(a)
+    sched.add(b)
+    step(sched)  # a's first 8 tokens (2 blocks committed after the step); b waits for block 3
+    assert a.num_computed == 8 and list(sched.waiting) == [b]
+    step(sched)  # a computes 8 more, b still waits: blocks 3-4 are a's, uncommitted at scheduling
+    step(sched)
+    assert b.num_cached_tokens == 16 and b.status == SequenceStatus.RUNNING

@@ -110,7 +110,10 @@ def test_a_tail_ratio_below_one_is_refused():
 
 def test_the_ttft_check_learns_how_far_measured_ttfts_run_past_the_prediction():
     ledger = Ledger()
-    for i, ttft in enumerate([2.0] * 9 + [6.0]):  # predicted 2 s each; one in ten ran 3x longer
+    ledger.add(InFlight("cold", "p0", "d0", 100, 100, 10, placed_at=0.0, decode_start=2.0))
+    ledger.finish("cold", completion_tokens=10, ttft_s=20.0, now=7.0)
+    assert ledger.ttft_correction == 1.0  # one slow first request is 1 of 16 samples, the missing ones as planned
+    for i, ttft in enumerate([2.0] * 14 + [6.0, 6.0]):  # predicted 2 s each; two in 17 ran 3x longer
         ledger.add(InFlight(f"r{i}", "p0", "d0", 100, 100, 10, placed_at=0.0, decode_start=2.0))
         ledger.finish(f"r{i}", completion_tokens=10, ttft_s=ttft, now=7.0)
     assert ledger.ttft_correction == pytest.approx(3.0)  # the 90th percentile: the SLO binds the tail

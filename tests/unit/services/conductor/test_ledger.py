@@ -85,3 +85,25 @@ def test_prune_forgets_requests_whose_finish_never_came():
     ledger.add(_entry("lost", placed=0.0, start=1.0))
     ledger.add(_entry("live", placed=100.0, start=101.0))
     assert ledger.prune(placed_before=50.0) == 1 and len(ledger) == 1
+
+
+def test_a_prefill_the_plan_says_is_done_leaves_the_queued_tokens_until_the_next_heartbeat():
+    ledger = Ledger()
+    ledger.add(_entry("short", placed=3.0, start=3.2))  # predicted TTFT 0.2 s
+    ledger.add(_entry("long", placed=3.0, start=9.0))
+    assert ledger.reserved("p0", since=2.0, now=4.0) == (2, 900, 0)  # "short" left prefill at 3.2 (tokens)
+    assert ledger.reserved("d0", since=2.0, now=4.0) == (2, 0, 2000)  # both are on decode (or about to be)
+    ledger.ttft_correction = 10.0  # TTFTs have run 10x the plan: "short" is taken to be prefilling until 5.0
+    assert ledger.reserved("p0", since=2.0, now=4.0) == (2, 1800, 0)
+
+
+def test_pending_prefix_is_the_longest_prefix_a_request_queued_on_that_instance_computes():
+    ledger = Ledger()
+    ledger.add(InFlight("a", "p0", "d0", 100, 100, 10, placed_at=0.0, decode_start=1.0, block_hashes=(1, 2, 3, 4)))
+    ledger.add(InFlight("b", "p1", "d0", 100, 100, 10, placed_at=0.0, decode_start=1.0, block_hashes=(1, 2, 3, 4, 5)))
+    assert ledger.pending_prefix("p0", (1, 2, 3, 9)) == 3
+    assert ledger.pending_prefix("p0", (1, 2, 3, 4, 5, 6)) == 4
+    assert ledger.pending_prefix("p1", (1, 2, 3, 4, 5, 6)) == 5
+    assert ledger.pending_prefix("p0", (7, 2, 3)) == 0 and ledger.pending_prefix("p0", ()) == 0
+    ledger.finish("a")
+    assert ledger.pending_prefix("p0", (1, 2, 3)) == 0

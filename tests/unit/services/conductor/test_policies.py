@@ -6,6 +6,7 @@ import pytest
 
 from crescent.services.conductor.cluster import Placement, Rejection, Role, Tier
 from crescent.services.conductor.kv_index import KvIndex
+from crescent.services.conductor.ledger import InFlight, Ledger
 from crescent.services.conductor.policies import (
     POLICIES,
     cache_aware,
@@ -143,3 +144,15 @@ def test_a_disaggregated_prefill_may_still_pair_with_any_decode():
     p, d = [inst("p0", Role.PREFILL)], [inst("w0", Role.WORKER)]
     got = least_loaded(view(p, d), request(2))
     assert (got.prefill.instance_id, got.decode.instance_id) == ("p0", "w0")
+
+
+@pytest.mark.parametrize("policy", [cache_aware, mooncake])
+def test_a_prefix_queued_on_an_instance_counts_as_cached_there_and_is_not_fetched_from_it(policy):
+    # p0 has a request computing a 10-block prefix queued; the index does not list those blocks yet
+    p, d = _two_prefill(waiting=0)
+    ledger = Ledger()
+    ledger.add(InFlight("first", "p0", "d0", 161, 161, 32, placed_at=0.0, decode_start=0.2,
+                        block_hashes=tuple(range(1000, 1010))))
+    placed = policy(view(p, d, ledger=ledger), request(10, rid="second"))
+    assert placed.prefill.instance_id == "p0" and placed.cached_blocks == 10
+    assert placed.prefix_source == "p0" and placed.replicate_blocks == 0
