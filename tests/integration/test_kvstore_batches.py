@@ -79,7 +79,11 @@ def test_disconnect_with_a_run_reserved_ahead_leaks_no_slot(tmp_path, small_runs
         with socket.create_connection((host, int(port)), timeout=5) as sock:
             payload = b"".join(block(h) for h in range(200, 210)) + block(210)[: BLOCK // 2]
             sock.sendall(p.pack_header(p.Op.PUT, n, len(body), n * BLOCK) + body + payload)
-        deadline = time.monotonic() + 5
+        # the server may not have taken the connection yet (a busy machine): wait for its first run to be published,
+        # then for the connection to be gone
+        deadline = time.monotonic() + 10
+        while handle.store.stats()["blocks_dram"] < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
         while handle.data.active_connections and time.monotonic() < deadline:
             time.sleep(0.02)
         assert handle.data.active_connections == 0
