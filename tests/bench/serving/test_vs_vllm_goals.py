@@ -79,3 +79,25 @@ def test_compare_skips_a_side_without_finished_runs():
     runs = [_run("crescent-disagg", "random_256_64_c8", 1, 1, 1),
             {**_run("vllm", "random_256_64_c8", None, None, None), "bench_error": "exited 1"}]
     assert compare(runs, scenarios([8])[:1], [system("crescent", "disagg")]) == {}
+
+
+def test_readme_rows_read_what_compare_writes():
+    from bench.report import render_row
+    from bench.report_rows import ROWS
+
+    todo = scenarios([8])
+    runs = [_run("vllm", "random_256_64_c8", 100, 200, 50), _run("vllm", "prefix_rep_4x768_c8", 100, 100, 50,
+                                                                  failed=5),
+            _run("crescent-vllm-agg", "random_256_64_c8", 96, 300, 60),
+            _run("crescent-vllm-agg", "prefix_rep_4x768_c8", 94, 60, 50, failed=2),
+            _run("crescent-vllm-disagg", "random_256_64_c8", 80, 300, 60),
+            _run("crescent-vllm-agg-2w", "prefix_rep_4x768_c8", 90, 69, 50, failed=1)]
+    results = {"runs": runs, "comparison": compare(runs, todo, systems("vllm", "agg,disagg,agg-2w"))}
+    run = {"commit": "1" * 40, "dirty": False, "partial": False, "created_at": "2026-12-02T10:00:00Z",
+           "config": {"engine": "vllm", "concurrency": "8"}, "config_key": "k", "machine": {}, "results": results}
+    row = next(r for r in ROWS if r.source == "serving_vllm_engine_vs_vllm" and "concurrency 8" in r.area)
+    line = render_row(row, [run])
+    assert ("agg output tok/s, random **0.96x** met; prefix **0.94x** **missed**; 2 workers prefix TTFT "
+            "**0.69x** met; disagg output tok/s, random **0.80x**; crescent's failed requests **3** **missed**") in line
+    other = next(r for r in ROWS if r.source == "serving_vllm_engine_vs_vllm" and "concurrency 32" in r.area)
+    assert "never run" not in line and "not quoted" in render_row(other, [run])
