@@ -119,6 +119,8 @@ def bench_crescent(sys_: System, args, vllm_bin: Path, model_dir: Path, served_n
                              vllm_kv_cache_gib=args.vllm_kv_cache_gib)
     mine = [sc for sc in todo if sc.kind in sys_.kinds]
     if not mine:
+        notes.append(f"{sys_.name} skipped: it runs only {'/'.join(sys_.kinds)} scenarios, none was chosen")
+        print(notes[-1], flush=True)
         return [], server.argv
     try:
         return serve_and_bench(server, vllm_bin, model_dir, served_name, mine, args, work), server.argv
