@@ -79,6 +79,11 @@ def goal_share(goal: str) -> Callable[[Results], float]:
     return get
 
 
+def crescent_failed(results: Results) -> int:
+    """Failed requests over every crescent run of a vs-vLLM result (vLLM's own are not crescent's)."""
+    return sum(run["failed"] for run in results["runs"] if run["system"] != "vllm" and run["failed"] is not None)
+
+
 def ge(value: float, text: str) -> Goal:
     return Goal(">=", value, text)
 
@@ -121,6 +126,25 @@ ROWS: tuple[Row, ...] = (
                           "model calibrated while the machine was busy and cached; a burst replayed with that model "
                           "was refused with ttft_slo only; such models are no longer cached (b117f2e)"),
                       (32, "the failed requests are 429s from the default admission (see concurrency 8)"))),
+    *(Row(f"vLLM engine in crescent vs vLLM, concurrency {c}",
+          "`vllm bench serve` (random 256/64 and prefix_repetition 4x768+64/32, 32 prompts, concurrency "
+          f"{c}, ignore_eos) against `crescent up --engine vllm` (agg; disagg; agg with 2 workers on "
+          "prefix_repetition only) and `vllm serve`, same weights, fp32, the same KV cache per vLLM engine, one "
+          "after the other; crescent over vLLM",
+          "python -m bench.serving.vs_vllm --engine vllm --num-prompts 32 (make vllm first)",
+          "serving_vllm_engine_vs_vllm",
+          (Quote("agg output tok/s, random", at("comparison", f"crescent-vllm-agg/random_256_64_c{c}",
+                                                "ratio_vs_vllm", "output_throughput"), goal=ge(0.95, ">= 0.95x")),
+           Quote("prefix", at("comparison", f"crescent-vllm-agg/prefix_rep_4x768_c{c}", "ratio_vs_vllm",
+                              "output_throughput"), goal=ge(0.95, ">= 0.95x")),
+           Quote("2 workers prefix TTFT", at("comparison", f"crescent-vllm-agg-2w/prefix_rep_4x768_c{c}",
+                                             "ratio_vs_vllm", "median_ttft_ms"), goal=le(0.7, "<= 0.7x")),
+           Quote("disagg output tok/s, random", at("comparison", f"crescent-vllm-disagg/random_256_64_c{c}",
+                                                   "ratio_vs_vllm", "output_throughput")),
+           Quote("crescent's failed requests", crescent_failed, "{:.0f}", le(0.0, "0"))),
+          match={"engine": "vllm", "concurrency": (str(c), "8,32")},
+          note="each failed request's reason (the gateway's 429 reasons and outcomes) is in the JSON's runs")
+      for c in (8, 32)),
     Row("store, end to end", "TTFT of a 2K-token prompt whose first 90% is in the kvstore vs cold, SmolLM2",
         "python -m bench.store.e2e_ttft --trials 6", "store_e2e_ttft",
         (Quote("warm/cold", at("warm_over_cold"), "{:.2f}", le(0.35, "<= 0.35")),

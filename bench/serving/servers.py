@@ -47,6 +47,7 @@ class Server:
     port: int
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    gateway_metrics: bool = False  # crescent's gateway: /metrics counts outcomes and rejection reasons
     proc: subprocess.Popen | None = None
     started_s: float = 0.0
 
@@ -117,25 +118,35 @@ def crescent_up_has_mode() -> bool:
 
 
 def crescent_server(model_dir: Path, served_name: str, mode: str, dtype: str, log_dir: Path,
-                    start_timeout_s: float) -> Server:
-    """`crescent up` in ``mode``; the default mode ("disagg") passes no --mode flag, as a user would type it."""
+                    start_timeout_s: float, *, engine: str = "crescent", workers: int = 1, name: str = "",
+                    vllm_python: str = "", vllm_kv_cache_gib: float = 0) -> Server:
+    """`crescent up` in ``mode``; the default mode ("disagg"), engine and worker count pass no flag, as a user
+    would type it. ``engine="vllm"``: its workers run vLLM from ``vllm_python`` with a KV cache of
+    ``vllm_kv_cache_gib`` GiB each (0: the worker's default)."""
     port = free_port()
+    name = name or f"crescent-{mode}"
     argv = [sys.executable, "-m", "crescent.cli", "up", "--model", str(model_dir), "--served-model-name",
             served_name, "--host", "127.0.0.1", "--port", str(port), "--free-ports",
-            "--log-dir", str(log_dir / f"crescent-{mode}"), "--startup-timeout-s", str(start_timeout_s)]
+            "--log-dir", str(log_dir / name), "--startup-timeout-s", str(start_timeout_s)]
     if mode != "disagg":
         argv += ["--mode", mode]
+    if workers != 1:
+        argv += ["--workers", str(workers)]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
+    if engine != "crescent":
+        argv += ["--engine", engine] + (["--vllm-python", vllm_python] if vllm_python else [])
+        if vllm_kv_cache_gib:
+            env["CRESCENT_VLLM_KV_CACHE_GIB"] = f"{vllm_kv_cache_gib:g}"  # each worker's engine (settings)
     if dtype != "auto":
         env["CRESCENT_DTYPE"] = dtype  # every worker reads it (settings: flag > env > default)
-    return Server(f"crescent-{mode}", argv, port, log_dir / f"crescent-{mode}.log", env)
+    return Server(name, argv, port, log_dir / f"{name}.log", env, gateway_metrics=True)
 
 
-def vllm_server(vllm_bin: Path, model_dir: Path, served_name: str, dtype: str, kv_cache_gib: int, log_dir: Path,
+def vllm_server(vllm_bin: Path, model_dir: Path, served_name: str, dtype: str, kv_cache_gib: float, log_dir: Path,
                 extra_args: list[str]) -> Server:
     """`vllm serve` on the same folder; VLLM_CPU_KVCACHE_SPACE set, else start-up may ask for most of the RAM."""
     port = free_port()
     argv = [str(vllm_bin), "serve", str(model_dir), "--served-model-name", served_name, "--host", "127.0.0.1",
             "--port", str(port), "--dtype", dtype, *extra_args]
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return Server("vllm", argv, port, log_dir / "vllm.log", env)

@@ -80,42 +80,43 @@ def test_crescent_argv_per_mode(tmp_path: Path):
     assert "--mode" not in disagg.argv and disagg.env["CRESCENT_DTYPE"] == "float32"
     assert agg.argv[-2:] == ["--mode", "agg"] and "CRESCENT_DTYPE" not in agg.env
     assert "--host" in disagg.argv and disagg.argv[disagg.argv.index("--host") + 1] == "127.0.0.1"
+    assert disagg.gateway_metrics and "--engine" not in disagg.argv and "CRESCENT_VLLM_KV_CACHE_GIB" not in disagg.env
 
 
-def test_scenarios_are_the_issue_s_four():
-    names = [sc.name for sc in vs_vllm.scenarios([8, 32])]
-    assert names == ["random_256_64_c8", "random_256_64_c32", "prefix_rep_4x768_c8", "prefix_rep_4x768_c32"]
-    prefix = vs_vllm.scenarios([8])[1]
-    args = dict(zip(prefix.dataset_args[::2], prefix.dataset_args[1::2], strict=True))
-    assert args == {"--dataset-name": "prefix_repetition", "--prefix-repetition-num-prefixes": "4",
-                    "--prefix-repetition-prefix-len": "768", "--prefix-repetition-suffix-len": "64",
-                    "--prefix-repetition-output-len": "32"}
-    assert prefix.ttft_goal == 0.7
+def test_crescent_argv_with_the_vllm_engine_and_two_workers(tmp_path: Path):
+    srv = servers.crescent_server(tmp_path, "m", "agg", "float32", tmp_path, 60, engine="vllm", workers=2,
+                                  name="crescent-vllm-agg-2w", vllm_python="/v/bin/python", vllm_kv_cache_gib=4)
+    flags = srv.argv[srv.argv.index("up") + 1:]
+    assert flags[-8:] == ["--mode", "agg", "--workers", "2", "--engine", "vllm", "--vllm-python", "/v/bin/python"]
+    assert srv.env["CRESCENT_VLLM_KV_CACHE_GIB"] == "4" and srv.name == "crescent-vllm-agg-2w"
+    assert srv.log_path == tmp_path / "crescent-vllm-agg-2w.log"
 
 
-def _run(system: str, scenario: str, tok_s: float, ttft: float, tpot: float, failed: int = 0, repeat: int = 0):
-    return {"system": system, "scenario": scenario, "repeat": repeat, "output_throughput": tok_s,
-            "median_ttft_ms": ttft, "median_tpot_ms": tpot, "failed": failed}
+def test_vllm_server_gets_the_same_kv_cache_and_dtype(tmp_path: Path):
+    srv = servers.vllm_server(tmp_path / "vllm", tmp_path, "m", "float32", 4.0, tmp_path, [])
+    assert srv.env["VLLM_CPU_KVCACHE_SPACE"] == "4" and srv.argv[srv.argv.index("--dtype") + 1] == "float32"
+    assert not srv.gateway_metrics
 
 
-def test_compare_ratios_and_goals():
-    todo = vs_vllm.scenarios([8])
-    runs = [_run("vllm", "random_256_64_c8", 100, 200, 50), _run("vllm", "prefix_rep_4x768_c8", 100, 100, 50),
-            _run("crescent-disagg", "random_256_64_c8", 120, 150, 40),
-            _run("crescent-disagg", "random_256_64_c8", 80, 250, 60, repeat=1),  # median of two repeats
-            _run("crescent-disagg", "prefix_rep_4x768_c8", 110, 80, 45, failed=1)]
-    out = vs_vllm.compare(runs, todo, ["crescent-disagg"])
-    rnd = out["crescent-disagg/random_256_64_c8"]
-    assert rnd["ratio_vs_vllm"] == pytest.approx({"output_throughput": 1.0, "median_ttft_ms": 1.0,
-                                                  "median_tpot_ms": 1.0})
-    assert rnd["meets_all"]
-    pre = out["crescent-disagg/prefix_rep_4x768_c8"]
-    assert pre["goals"] == {"output_tok_s_ge_1.0x": True, "median_ttft_le_0.7x": False,
-                            "median_tpot_le_1.0x": True, "zero_failed": False}
-    assert not pre["meets_all"]
+def test_engine_picks_the_systems_and_the_result_name():
+    args, systems, todo = vs_vllm.parse_args(["--engine", "vllm"])
+    assert [s.name for s in systems] == ["crescent-vllm-agg", "crescent-vllm-disagg", "crescent-vllm-agg-2w"]
+    assert args.name == "serving_vllm_engine_vs_vllm" and len(todo) == 4
+    args, systems, _ = vs_vllm.parse_args([])
+    assert [s.name for s in systems] == ["crescent-disagg", "crescent-agg"] and args.name == "serving_vs_vllm"
+    args, systems, todo = vs_vllm.parse_args(["--engine", "vllm", "--modes", "agg-2w", "--concurrency", "2",
+                                              "--scenarios", "prefix_rep_4x768_c2", "--name", "scratch"])
+    assert [(s.mode, s.workers) for s in systems] == [("agg", 2)] and [sc.name for sc in todo] == \
+        ["prefix_rep_4x768_c2"] and args.name == "scratch"
 
 
-def test_compare_skips_a_side_without_finished_runs():
-    runs = [_run("crescent-disagg", "random_256_64_c8", 1, 1, 1),
-            {**_run("vllm", "random_256_64_c8", None, None, None), "bench_error": "exited 1"}]
-    assert vs_vllm.compare(runs, vs_vllm.scenarios([8])[:1], ["crescent-disagg"]) == {}
+@pytest.mark.parametrize("argv", [["--modes", "agg-x"], ["--modes", "disagg-2w"], ["--scenarios", "nope_c8"],
+                                  ["--concurrency", "eight"], ["--engine", "sglang"]],
+                         ids=["bad-mode", "disagg-workers", "unknown-scenario", "bad-concurrency", "bad-engine"])
+def test_bad_arguments_exit_with_a_message(argv: list[str], capsys):
+    with pytest.raises(SystemExit) as info:
+        vs_vllm.parse_args(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and ("use disagg, agg or agg-Nw" in err or "names: random_256_64_c8" in err
+                                or "integers" in err or "invalid choice" in err)
