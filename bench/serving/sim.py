@@ -125,6 +125,10 @@ class Simulator:
     def _heartbeat(self, t: float) -> None:
         self.reports = {"prefill": [p.state(t) for p in self.prefill.values()],
                         "decode": [d.state(t) for d in self.decode.values()]}
+        for d in self.reports["decode"]:  # as the live conductor does with each decode heartbeat (observe_heartbeat)
+            if d.load.running > 0:
+                self.ledger.observe_decode(d.instance_id, self.cfg.cost.decode_step_time(
+                    d.load.running, d.load.running_context_tokens), t)
 
     def _view(self, now: float) -> ClusterView:
         if self.reports is None:  # exact load, as if every instance had just reported
@@ -234,8 +238,8 @@ class Simulator:
 
     def _finish(self, t: float, rec: RequestRecord, gaps: list[float]) -> None:
         rec.finished, rec.finish_s, rec.tbt_s = True, t, fast25_tbt(gaps)
-        mean_gap = sum(gaps) / len(gaps) if gaps else None  # what the gateway's Finish reports
-        self.ledger.finish(str(rec.index), rec.output_tokens, mean_gap, now=t)
+        mean_gap = sum(gaps) / len(gaps) if gaps else None  # what the gateway's Finish reports, with the TTFT
+        self.ledger.finish(str(rec.index), rec.output_tokens, mean_gap, now=t, ttft_s=rec.ttft_s)
 
 
 def simulate(trace: list[TraceRequest], cfg: SimConfig) -> list[RequestRecord]:
