@@ -182,9 +182,17 @@ class Simulator:
     def _start_prefill(self, t: float, inst: PrefillSim) -> None:
         jobs = [inst.queue.popleft()]
         budget = self.cfg.prefill_batch_tokens - jobs[0].new_tokens
+        computing, deferred = set(jobs[0].hashes), []
         while inst.queue and inst.queue[0].new_tokens <= budget:  # the engine's token budget per forward pass
-            budget -= inst.queue[0].new_tokens
-            jobs.append(inst.queue.popleft())
+            job = inst.queue.popleft()
+            own = inst.cache.prefix_len(job.hashes)
+            if own < len(job.hashes) and job.hashes[own] in computing:
+                deferred.append(job)  # as the engine does: it waits for the prefix this batch computes
+                continue
+            budget -= job.new_tokens
+            jobs.append(job)
+            computing.update(job.hashes)
+        inst.queue.extendleft(reversed(deferred))
         # A batch costs what its requests cost one by one (each with its fixed cost: on CPU the per-request work
         # of the services serializes too), but every request in it gets its first token when the batch ends.
         duration = sum(self._job_time(inst, job) for job in jobs)
