@@ -119,6 +119,9 @@ class ServiceGroup:
                     child.restarts = 0
                 continue
             if child.restart_at is None:
+                # What the dead service started lives on in its process group (vLLM's engine core does not notice
+                # its parent's death: a killed vLLM worker would leave a whole engine running): end it first.
+                _signal_group(child.proc, signal.SIGKILL)
                 first, cap = RESTART_BACKOFF_S
                 delay = min(cap, first * 2 ** child.restarts)
                 child.restart_at = now + delay
