@@ -1,4 +1,5 @@
-"""ServiceGroup: health waits, a dead child is noticed, stop escalates SIGTERM -> SIGKILL within the grace."""
+"""ServiceGroup: health waits, a dead child is noticed and restarted, stop escalates SIGTERM -> SIGKILL within the
+grace, and nothing a child started outlives it."""
 
 from __future__ import annotations
 
@@ -97,6 +98,27 @@ def test_supervise_ends_what_a_dead_child_left_running(tmp_path):
         time.sleep(0.05)
     assert not _running(grandchild)
     group.stop(grace_s=5)
+
+
+def test_stop_ends_what_a_stopped_child_left_running(tmp_path):
+    """A child that exits on SIGTERM but leaves a process of its group that ignores it (vLLM's model worker after
+    its engine core is gone) leaves nothing running after stop()."""
+    parent = [sys.executable, "-c", "import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', 'import os, signal, time; "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(os.getpid(), flush=True); time.sleep(60)']); "
+              "time.sleep(60)"]
+    group = ServiceGroup(tmp_path)
+    group.start("a", parent)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "a.log").read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchild = int((tmp_path / "a.log").read_text().split()[0])
+    group.stop(grace_s=5)
+    assert group.children[0].proc.returncode == -15
+    deadline = time.monotonic() + 10
+    while _running(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(grandchild)
 
 
 def _running(pid: int) -> bool:
