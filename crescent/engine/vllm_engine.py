@@ -8,6 +8,9 @@ KV hand-off: with ``CrescentConnector`` configured (``kv_handoff == "connector"`
 ``StoreParams`` as vLLM's ``kv_transfer_params`` (``SamplingParams.extra_args``) and the connector loads and saves
 blocks inside vLLM; without it (``"none"``) KV stays in vLLM's own prefix cache.
 
+KV-cache events: given an ``ipc://`` endpoint, vLLM publishes the pages its prefix cache stores and evicts there
+(``KVEventsConfig``, zmq); the worker relays them to the conductor (services/worker/vllm_kv_events.py).
+
 Load figures come from vLLM itself: a stat logger receives its ``SchedulerStats`` (running, waiting, KV usage,
 prefix-cache queries and hits) after each step; vLLM's own Prometheus logger is off because the worker already
 exports the same ``vllm:`` names from these figures (services/common/metrics.py).

@@ -124,10 +124,12 @@ class KvEventRelay:
                 log.exception("vLLM KV event batch dropped")
 
     def handle(self, batch: Any) -> None:
-        """Map one vLLM ``KVEventBatch`` and tell the sink (the order of the events is kept)."""
+        """Map one vLLM ``KVEventBatch`` and tell the sink, in order; a run of events of one kind (vLLM sends one
+        per evicted page) goes as one call."""
         from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
         self.batches += 1
+        run_kind, run = STORED, []
         for event in batch.events:
             if isinstance(event, BlockStored):
                 if event.block_size != self.blocks.page_size:
@@ -140,8 +142,12 @@ class KvEventRelay:
                 kind, hashes = EVICTED, self.blocks.cleared()
             else:
                 continue
-            if hashes:
-                self.sink(kind, hashes)
+            if kind != run_kind and run:
+                self.sink(run_kind, run)
+                run = []
+            run_kind, run = kind, run + hashes
+        if run:
+            self.sink(run_kind, run)
 
     def close(self) -> None:
         self._stop.set()
