@@ -173,8 +173,14 @@ def test_kill_9_of_the_vllm_decode_worker_mid_stream(cluster):
     assert all(text == reference for _, text in outcomes), (reference, outcomes)
     assert scrape(gateway, "crescent_gateway_stream_resumes_total") - resumes_before >= STREAMS
     assert recovered_s < RECOVERY_BOUND_S, f"first new request served {recovered_s:.1f}s after the kill"
-    left = [p for p in engine_core if alive(p)]  # an orphaned engine core would hold its cores and memory
-    assert not left, f"the killed decode worker's processes {left} still run"
+    # crescent up killed what the worker left (vLLM's engine core and model worker, orphans that would hold cores
+    # and GBs); a process of GBs can take seconds to exit on a loaded machine
+    gone_by = time.monotonic() + 30
+    while left := [p for p in engine_core if alive(p)]:
+        assert time.monotonic() < gone_by, f"the killed decode worker's processes {left} still run"
+        time.sleep(0.2)
+    print(f"the killed worker's {len(engine_core)} vLLM processes: none left {time.monotonic() - killed_at:.1f} s after the "
+          "kill")
     _restarted_decode_takes_work(cluster, client, model, pids["decode"], killed_at)
 
 
