@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -36,10 +37,12 @@ POLL_MS = 200  # how often the relay's thread looks at its stop flag
 
 
 def kv_events_endpoint(instance_id: str) -> str:
-    """A fresh ``ipc://`` path for one engine's events (vLLM binds what starts with ipc://; a tcp address it would
-    connect to instead)."""
+    """A fresh ``ipc://`` endpoint for one engine's events (vLLM binds what starts with ipc://; a tcp address it
+    would connect to instead). On Linux in the abstract namespace (``@``): no socket file is left behind when the
+    worker is killed, or even when vLLM shuts down (it does not remove the file)."""
     safe = "".join(c if c.isalnum() else "-" for c in instance_id)[:40]
-    return f"ipc://{tempfile.gettempdir()}/crescent-kv-events-{safe}-{os.getpid()}"
+    where = "@" if sys.platform.startswith("linux") else tempfile.gettempdir() + "/"
+    return f"ipc://{where}crescent-kv-events-{safe}-{os.getpid()}"
 
 
 class VllmBlockMap:

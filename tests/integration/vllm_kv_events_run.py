@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,9 +33,9 @@ async def run(spec: dict) -> dict:
     from crescent.engine.vllm_engine import engine_args
     from crescent.proto.v1 import common_pb2, conductor_pb2
     from crescent.services.worker.conductor_link import ConductorLink
-    from crescent.services.worker.vllm_kv_events import KvEventForwarder, VllmBlockMap
+    from crescent.services.worker.vllm_kv_events import KvEventForwarder, VllmBlockMap, kv_events_endpoint
 
-    endpoint = f"ipc://{tempfile.mkdtemp()}/events"
+    endpoint = kv_events_endpoint(spec["conductor"]["instance_id"])  # the worker's choice of endpoint
     settings = VllmEngineSettings(dtype="float32", kv_block_size=16, max_model_len=1024, vllm_enforce_eager=True)
     args = engine_args(settings, spec["model"], "m", None, True, endpoint)
     args["kv_events_config"] = KVEventsConfig(**args["kv_events_config"])

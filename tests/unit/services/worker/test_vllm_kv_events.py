@@ -48,6 +48,6 @@ def test_pages_must_hold_whole_blocks():
         VllmBlockMap("m", 24, 32)
 
 
-def test_the_endpoint_is_an_ipc_path_vllm_binds():
+def test_the_endpoint_is_an_ipc_name_vllm_binds_and_leaves_no_file():
     endpoint = kv_events_endpoint("decode-host/1:50071")
-    assert endpoint.startswith("ipc://") and "/1:" not in endpoint.removeprefix("ipc://").rsplit("/", 1)[1]
+    assert endpoint.startswith("ipc://@crescent-kv-events-decode-host-1-50071-")  # Linux: the abstract namespace
