@@ -237,7 +237,7 @@ async def run_worker(runtime: WorkerRuntime, services: list[Service], stop: asyn
                                          runtime.load_snapshot, s.heartbeat_interval_s,
                                          internal_token=s.internal_token_value())
             await runtime.link.start()
-            kv_events = forward_kv_events(runtime.engine, runtime.link, s.kv_block_size)
+            kv_events = forward_kv_events(runtime.engine, runtime.link, s.kv_block_size, runtime.role_name)
         else:  # standalone: nobody pulls load snapshots, so refresh the metrics here
             metrics_task = asyncio.create_task(_refresh_metrics(runtime, s.heartbeat_interval_s))
         if runtime.watcher is not None and s.model_watch_interval_s > 0:

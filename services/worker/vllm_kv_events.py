@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from crescent.hashing import chain_hash, model_seed
+from crescent.services.common import metrics as m
 from crescent.services.worker.conductor_link import ConductorLink
 
 log = logging.getLogger(__name__)
@@ -162,9 +163,10 @@ class KvEventForwarder:
     """The relay's events to the conductor through the worker's link, in vLLM's order (one sender on the worker's
     event loop: an eviction overtaking the store it undoes would leave the index wrong)."""
 
-    def __init__(self, endpoint: str, blocks: VllmBlockMap, link: ConductorLink, model_id: str):
+    def __init__(self, endpoint: str, blocks: VllmBlockMap, link: ConductorLink, model_id: str, role: str = ""):
         self.link = link
         self.model_id = model_id
+        self.role = role
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[str, list[int]]] = asyncio.Queue()
         self._task = asyncio.create_task(self._send(), name="vllm-kv-events")
@@ -178,6 +180,7 @@ class KvEventForwarder:
             kind, hashes = await self._queue.get()
             report = self.link.report_stored if kind == STORED else self.link.report_evicted
             await report(self.model_id, hashes)
+            m.WORKER_VLLM_KV_EVENT_BLOCKS.labels(self.role, kind).inc(len(hashes))
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.relay.close)
@@ -186,7 +189,7 @@ class KvEventForwarder:
             await self._task
 
 
-def forward_kv_events(engine: Any, link: ConductorLink, block_size: int) -> KvEventForwarder | None:
+def forward_kv_events(engine: Any, link: ConductorLink, block_size: int, role: str) -> KvEventForwarder | None:
     """Start relaying ``engine``'s KV-cache events to the conductor; None when it publishes none (crescent's engine,
     vLLM without prefix caching) or its pages do not hold whole crescent blocks (logged)."""
     endpoint = getattr(engine, "kv_events_endpoint", "")
@@ -197,4 +200,4 @@ def forward_kv_events(engine: Any, link: ConductorLink, block_size: int) -> KvEv
     except ValueError as exc:
         log.warning("vLLM's KV events are not relayed: %s", exc)
         return None
-    return KvEventForwarder(endpoint, blocks, link, engine.model_id)
+    return KvEventForwarder(endpoint, blocks, link, engine.model_id, role)

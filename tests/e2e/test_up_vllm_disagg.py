@@ -114,6 +114,9 @@ def test_decode_loads_the_prompt_and_greedy_equals_vllm(cluster):
                   {"op": "get", "result": "hit"}) > 0
     assert scrape(metrics_urls(cluster, "prefill"), "crescent_worker_kv_connector_total",
                   {"counter": "stored_blocks"}) > 0
+    # vLLM's own prefix-cache events reach the conductor too (evictions: tests/integration/test_vllm_kv_events.py)
+    assert scrape(metrics_urls(cluster, "prefill"), "crescent_worker_vllm_kv_event_blocks_total",
+                  {"role": "prefill", "kind": "stored"}) > 0
 
 
 def test_a_shared_prefix_is_read_not_computed(cluster):
