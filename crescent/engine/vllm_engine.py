@@ -8,6 +8,9 @@ KV hand-off: with ``CrescentConnector`` configured (``kv_handoff == "connector"`
 ``StoreParams`` as vLLM's ``kv_transfer_params`` (``SamplingParams.extra_args``) and the connector loads and saves
 blocks inside vLLM; without it (``"none"``) KV stays in vLLM's own prefix cache.
 
+KV-cache events: given an ``ipc://`` endpoint, vLLM publishes the pages its prefix cache stores and evicts there
+(``KVEventsConfig``, zmq); the worker relays them to the conductor (services/worker/vllm_kv_events.py).
+
 Load figures come from vLLM itself: a stat logger receives its ``SchedulerStats`` (running, waiting, KV usage,
 prefix-cache queries and hits) after each step; vLLM's own Prometheus logger is off because the worker already
 exports the same ``vllm:`` names from these figures (services/common/metrics.py).
@@ -96,8 +99,9 @@ def vllm_block_size(settings: VllmEngineSettings, on_cpu: bool) -> int:
 
 
 def engine_args(settings: VllmEngineSettings, model_path: str, served_name: str,
-                connector: ConnectorSpec | None, on_cpu: bool = True) -> dict[str, Any]:
-    """``AsyncEngineArgs`` keyword arguments from crescent's settings (a dict: testable without vLLM)."""
+                connector: ConnectorSpec | None, on_cpu: bool = True, kv_events_endpoint: str = "") -> dict[str, Any]:
+    """``AsyncEngineArgs`` keyword arguments from crescent's settings (a dict: testable without vLLM).
+    ``kv_events_endpoint``: where vLLM publishes its prefix cache's stored/removed pages ("" = nowhere)."""
     dtype = str(settings.resolved_dtype()).removeprefix("torch.")
     args: dict[str, Any] = {
         "model": model_path, "tokenizer": model_path, "served_model_name": served_name, "dtype": dtype,
@@ -115,6 +119,9 @@ def engine_args(settings: VllmEngineSettings, model_path: str, served_name: str,
                                       # a block evicted between lookup and load is recomputed, not a failed request
                                       "kv_load_failure_policy": "recompute",
                                       "kv_connector_extra_config": dict(connector.extra_config)}
+    if kv_events_endpoint and settings.enable_prefix_caching:
+        args["kv_events_config"] = {"enable_kv_cache_events": True, "publisher": "zmq",
+                                    "endpoint": kv_events_endpoint}
     return args
 
 
@@ -135,10 +142,16 @@ class VllmEngine:
         self._prefilling: dict[str, int] = {}  # request -> prompt tokens not yet past its first output
         self._context: dict[str, int] = {}  # request -> context tokens, once it decodes
         self._stopped = False
+        self.page_size = 0
+        """vLLM's KV page (block) size in tokens."""
+        self.kv_events_endpoint = ""
+        """Where vLLM publishes its KV-cache events ("" = it does not)."""
 
     @classmethod
-    async def start(cls, settings: VllmEngineSettings, connector: ConnectorSpec | None = None) -> VllmEngine:
-        """Build and start vLLM's engine for ``settings.model`` (its engine core process loads the weights)."""
+    async def start(cls, settings: VllmEngineSettings, connector: ConnectorSpec | None = None,
+                    kv_events_endpoint: str = "") -> VllmEngine:
+        """Build and start vLLM's engine for ``settings.model`` (its engine core process loads the weights);
+        ``kv_events_endpoint``: an ``ipc://`` path where vLLM publishes its prefix cache's events."""
         from pathlib import Path
 
         from crescent.models.prepare import prepare_model
@@ -151,12 +164,14 @@ class VllmEngine:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.vllm_kv_cache_gib:g}"
         from vllm.platforms import current_platform
 
-        args = engine_args(settings, path, served, connector, on_cpu=current_platform.is_cpu())
+        args = engine_args(settings, path, served, connector, current_platform.is_cpu(), kv_events_endpoint)
         llm = await asyncio.to_thread(_build_async_llm, args, _stat_logger_factory(load))
         cfg = llm.vllm_config
         tokenizer = await asyncio.to_thread(Tokenizer.from_dir, Path(path))
         engine = cls(llm, tokenizer, served, cfg.model_config.get_vocab_size(), cfg.model_config.max_model_len,
                      int(cfg.cache_config.num_gpu_blocks or 0), "connector" if connector else "none", load)
+        engine.page_size = args["block_size"]
+        engine.kv_events_endpoint = kv_events_endpoint if "kv_events_config" in args else ""
         log.info("vLLM engine ready: model %s (%s), max_model_len %d, %d KV blocks of %d tokens, kv hand-off %s",
                  served, args["dtype"], engine.max_model_len, engine._total_blocks, args["block_size"],
                  engine.kv_handoff)
@@ -314,4 +329,8 @@ def _build_async_llm(args: dict[str, Any], stat_logger: Any) -> Any:
 
     if "kv_transfer_config" in args:
         args = {**args, "kv_transfer_config": KVTransferConfig(**args["kv_transfer_config"])}
+    if "kv_events_config" in args:
+        from vllm.config import KVEventsConfig
+
+        args = {**args, "kv_events_config": KVEventsConfig(**args["kv_events_config"])}
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[stat_logger])

@@ -1,7 +1,9 @@
 """Start, health-check and stop a group of crescent service processes (``crescent up`` and the tests).
 
 Each child gets its own session (process group), so a terminal's Ctrl-C reaches only the parent, which then stops
-the children in reverse start order: SIGTERM, a grace period, then SIGKILL of the child's whole group.
+the children in reverse start order: SIGTERM, a grace period, then SIGKILL of the child's whole group. A child's
+group is also killed once the child itself is gone (stopped, or dead before a restart): what it started (vLLM's
+engine core and model worker) never outlives it.
 """
 
 from __future__ import annotations
@@ -119,6 +121,9 @@ class ServiceGroup:
                     child.restarts = 0
                 continue
             if child.restart_at is None:
+                # What the dead service started lives on in its process group (vLLM's engine core does not notice
+                # its parent's death: a killed vLLM worker would leave a whole engine running): end it first.
+                _signal_group(child.proc, signal.SIGKILL)
                 first, cap = RESTART_BACKOFF_S
                 delay = min(cap, first * 2 ** child.restarts)
                 child.restart_at = now + delay
@@ -175,6 +180,9 @@ class ServiceGroup:
                     log.warning("%s ignored SIGTERM; killing it", child.name)
                     _signal_group(child.proc, signal.SIGKILL)
                     child.proc.wait(timeout=10)
+            # the service has stopped; whatever it leaves in its group is an orphan (vLLM's model worker can keep
+            # spinning after its engine core exits): end it
+            _signal_group(child.proc, signal.SIGKILL)
             if child.log_file:
                 child.log_file.close()
                 child.log_file = None

@@ -91,6 +91,9 @@ WORKER_PREFIX_HITS = Counter("crescent_worker_prefix_cache_hits_total", "Prompt 
 WORKER_STORE_HITS = Counter("crescent_worker_kvstore_hit_tokens_total", "Prompt tokens whose KV was loaded from the store.",
                             ["role"])
 WORKER_PREEMPTIONS = Counter("crescent_worker_preemptions_total", "Requests preempted (recomputed later).", ["role"])
+WORKER_VLLM_KV_EVENT_BLOCKS = Counter("crescent_worker_vllm_kv_event_blocks_total", "Blocks a vLLM worker's prefix "
+                                      "cache stored or evicted (vLLM's KV events), reported to the conductor.",
+                                      ["role", "kind"])  # kind: stored, evicted
 WORKER_KV_CONNECTOR = Counter("crescent_worker_kv_connector_total", "What a vLLM worker's CrescentConnector did, by "
                               "counter (loads, loaded_tokens, saves, stored_blocks, lookup_misses, ...).",
                               ["role", "counter"])

@@ -70,9 +70,16 @@ class ConductorLink:
 
     async def report_stored(self, model_id: str, hashes: list[int], tier: int = common_pb2.TIER_DEVICE) -> None:
         """Tell the conductor's KV index which blocks this instance now holds (best effort)."""
+        await self.report_kv(conductor_pb2.KvEvent.KIND_STORED, model_id, hashes, tier)
+
+    async def report_evicted(self, model_id: str, hashes: list[int], tier: int = common_pb2.TIER_DEVICE) -> None:
+        """Tell the conductor's KV index which blocks this instance no longer holds (best effort)."""
+        await self.report_kv(conductor_pb2.KvEvent.KIND_EVICTED, model_id, hashes, tier)
+
+    async def report_kv(self, kind: int, model_id: str, hashes: list[int], tier: int) -> None:
         if not hashes or not self.registered:
             return
-        event = conductor_pb2.KvEvent(kind=conductor_pb2.KvEvent.KIND_STORED, block_hashes=hashes, tier=tier)
+        event = conductor_pb2.KvEvent(kind=kind, block_hashes=hashes, tier=tier)
         batch = conductor_pb2.KvEventBatch(instance_id=self.instance.instance_id, model_id=model_id, events=[event])
         try:
             await self._stub.ReportKvEvents(batch, timeout=self.rpc_timeout_s)

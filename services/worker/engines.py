@@ -57,4 +57,8 @@ async def start_vllm_engine(settings: WorkerServiceSettings, instance_id: str) -
     except ImportError as exc:
         raise ValueError(f"engine=vllm needs the vllm package in this Python ({exc}): run the worker with "
                          ".venv-vllm/bin/python (`make vllm`), or use engine=crescent") from exc
-    return await VllmEngine.start(settings, connector_spec(settings, instance_id))
+    from crescent.services.worker.vllm_kv_events import kv_events_endpoint
+
+    # vLLM's prefix-cache events reach the conductor's index (services/worker/vllm_kv_events.py)
+    events = kv_events_endpoint(instance_id) if settings.conductor_address else ""
+    return await VllmEngine.start(settings, connector_spec(settings, instance_id), events)

@@ -30,6 +30,7 @@ from crescent.services.worker.conductor_link import ConductorLink
 from crescent.services.worker.kv_transfer import KvTransfer
 from crescent.services.worker.reload import load_first, retire, watch_model
 from crescent.services.worker.settings import WorkerServiceSettings
+from crescent.services.worker.vllm_kv_events import KvEventForwarder, forward_kv_events
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,7 @@ async def run_worker(runtime: WorkerRuntime, services: list[Service], stop: asyn
     s = runtime.settings
     metrics_task: asyncio.Task | None = None
     watch_task: asyncio.Task | None = None
+    kv_events: KvEventForwarder | None = None  # a vLLM engine's prefix-cache events, to the conductor
     server = GrpcServer(s.host, s.port, *(name for name, _, _ in services), internal_token=s.internal_token_value())
     for _, add_servicer, servicer in services:
         server.add(add_servicer, servicer)
@@ -235,6 +237,7 @@ async def run_worker(runtime: WorkerRuntime, services: list[Service], stop: asyn
                                          runtime.load_snapshot, s.heartbeat_interval_s,
                                          internal_token=s.internal_token_value())
             await runtime.link.start()
+            kv_events = forward_kv_events(runtime.engine, runtime.link, s.kv_block_size, runtime.role_name)
         else:  # standalone: nobody pulls load snapshots, so refresh the metrics here
             metrics_task = asyncio.create_task(_refresh_metrics(runtime, s.heartbeat_interval_s))
         if runtime.watcher is not None and s.model_watch_interval_s > 0:
@@ -254,6 +257,8 @@ async def run_worker(runtime: WorkerRuntime, services: list[Service], stop: asyn
         for task in (metrics_task, watch_task):
             if task is not None:
                 task.cancel()
+        if kv_events is not None:
+            await kv_events.aclose()
         await server.stop(grace_s=1.0)
         await runtime.close_engines()
         log.info("stopped")

@@ -55,7 +55,8 @@ tensor and pipeline parallel size 1 (refused otherwise, with the reason).
 **Events.** With a conductor address, the blocks the worker saved or loaded are reported as ``KIND_STORED`` in
 ``TIER_DEVICE`` for ``instance_id`` (``ReportKvEvents``), when vLLM keeps them (prefix caching on; without it a
 request's pages are freed when it ends and reporting them would mislead placement). The store reports its own tiers.
-vLLM's own evictions are not forwarded yet (vLLM's KV events would be the source).
+vLLM's own prefix cache (what it caches and evicts) reaches the conductor through vLLM's KV events, relayed by
+the worker process (services/worker/vllm_kv_events.py).
 """
 
 from __future__ import annotations

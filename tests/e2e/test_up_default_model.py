@@ -14,6 +14,7 @@ import pytest
 
 from crescent.services.common.launcher import free_port, http_ok
 from tests.e2e.procs import flag_value, service_children
+from tests.e2e.streams import COUNT_PROMPT, first_success, stream_outcome
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_S = 240
@@ -101,41 +102,6 @@ def test_long_prompts_with_shared_prefixes_all_succeed_and_no_worker_is_dropped(
     assert _dropped_instances(service_children(_UP["pid"])["conductor"]) == dropped_before
 
 
-COUNT_PROMPT = [{"role": "user", "content": "Count from one to forty in words."}]
-
-
-def _stream_outcome(client, model: str) -> tuple[str, str]:
-    """('done', text) when the stream finished normally, ('error', '') when it ended with an SSE error event (the
-    API reported it), ('cut', '') when the connection dropped with neither: what must never happen."""
-    try:
-        stream = client.chat.completions.create(model=model, messages=COUNT_PROMPT, max_tokens=64, temperature=0,
-                                                stream=True)
-        parts, finished = [], []
-        for c in stream:
-            if c.choices:
-                parts.append(c.choices[0].delta.content or "")
-                finished += [c.choices[0].finish_reason] if c.choices[0].finish_reason else []
-        return ("done", "".join(parts)) if finished else ("cut", "")
-    except openai.APIConnectionError:
-        return "cut", ""
-    except openai.APIError:
-        return "error", ""
-
-
-def _first_success(client, model: str, deadline: float) -> float:
-    """When a short chat first succeeds (retrying every 0.5 s until ``deadline``)."""
-    while True:
-        try:
-            reply = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4, temperature=0,
-                timeout=20)
-            assert reply.choices[0].message.content is not None
-            return time.monotonic()
-        except openai.APIError as exc:
-            assert time.monotonic() < deadline, f"no request served before the deadline: {exc}"
-            time.sleep(0.5)
-
-
 @pytest.mark.parametrize("role", ["decode", "prefill", "kvstore", "conductor"])
 def test_kill_9_of_any_service_under_crescent_up(gateway_url, role):
     """Streams in flight end cleanly (complete, or an error event) and the cluster serves again after a kill -9:
@@ -149,11 +115,11 @@ def test_kill_9_of_any_service_under_crescent_up(gateway_url, role):
     pids = service_children(_UP["pid"])
     assert role in pids, pids
     with cf.ThreadPoolExecutor(5) as pool:
-        futures = [pool.submit(_stream_outcome, client, model) for _ in range(4)]
+        futures = [pool.submit(stream_outcome, client, model) for _ in range(4)]
         time.sleep(1.5)  # the streams are placed and decoding
         os.kill(pids[role], signal.SIGKILL)
         killed_at = time.monotonic()
-        probe = pool.submit(_first_success, client, model, killed_at + 90)  # a new request, sent at once
+        probe = pool.submit(first_success, client, model, killed_at + 90)  # a new request, sent at once
         outcomes = [f.result(timeout=240) for f in futures]
         recovered_s = probe.result(timeout=120) - killed_at
     # every stream continues to the end (a dead prefill or decode worker's streams resume on a live worker: the

@@ -1,9 +1,13 @@
-"""ServiceGroup: health waits, a dead child is noticed, stop escalates SIGTERM -> SIGKILL within the grace."""
+"""ServiceGroup: health waits, a dead child is noticed and restarted, stop escalates SIGTERM -> SIGKILL within the
+grace, and nothing a child started outlives it."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +75,55 @@ def test_supervise_restarts_a_dead_child_with_backoff_and_leaves_the_others(tmp_
     assert group.supervise(t0 + 1.5) == ["a exited (-9); restarting in 2s"]
     assert (tmp_path / "a.log").read_text().count("restart 1") == 1
     group.stop(grace_s=5)
+
+
+def test_supervise_ends_what_a_dead_child_left_running(tmp_path):
+    """A child's own children (vLLM's engine core under a worker) do not outlive it: they hold cores and memory, and
+    the restarted child would start a second set beside them."""
+    parent = [sys.executable, "-c", "import subprocess, sys, time; "
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "print(p.pid, flush=True); time.sleep(60)"]
+    group = ServiceGroup(tmp_path)
+    child = group.start("a", parent)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "a.log").read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchild = int((tmp_path / "a.log").read_text().split()[0])
+    os.kill(child.proc.pid, signal.SIGKILL)  # the child alone, as a crash would
+    child.proc.wait(timeout=10)
+    assert _running(grandchild)
+    group.supervise()
+    deadline = time.monotonic() + 10
+    while _running(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(grandchild)
+    group.stop(grace_s=5)
+
+
+def test_stop_ends_what_a_stopped_child_left_running(tmp_path):
+    """A child that exits on SIGTERM but leaves a process of its group that ignores it (vLLM's model worker after
+    its engine core is gone) leaves nothing running after stop()."""
+    parent = [sys.executable, "-c", "import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', 'import os, signal, time; "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(os.getpid(), flush=True); time.sleep(60)']); "
+              "time.sleep(60)"]
+    group = ServiceGroup(tmp_path)
+    group.start("a", parent)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "a.log").read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchild = int((tmp_path / "a.log").read_text().split()[0])
+    group.stop(grace_s=5)
+    assert group.children[0].proc.returncode == -15
+    deadline = time.monotonic() + 10
+    while _running(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(grandchild)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan is reaped by init, on its own schedule)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

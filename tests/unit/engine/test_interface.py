@@ -87,6 +87,11 @@ def test_engine_args_follow_crescents_settings():
                                           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
                                           "kv_connector_extra_config": {"block_size": 16}}
     assert "kv_transfer_config" not in engine_args(s, "/m", "m", None)
+    assert "kv_events_config" not in args  # vLLM publishes its prefix cache's events only when asked to
+    events = engine_args(s, "/m", "m", None, True, "ipc:///tmp/e")["kv_events_config"]
+    assert events == {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "ipc:///tmp/e"}
+    no_cache = s.model_copy(update={"enable_prefix_caching": False})
+    assert "kv_events_config" not in engine_args(no_cache, "/m", "m", None, True, "ipc:///tmp/e")
     assert vllm_block_size(s, on_cpu=False) == 16
     assert vllm_block_size(s.model_copy(update={"vllm_block_size": 128}), on_cpu=True) == 128
 
