@@ -27,7 +27,7 @@ class ConductorSettings(CrescentSettings):
     tbt_slo_s: float = Field(
         0.0, description="Time-between-tokens SLO the rejection modes protect (on a request's slowest gaps); 0 = "
         "sized from the cost model when calibrated: the larger of 5x a lone decode step at 256 tokens of context and "
-        "1.5x the slowest step of a batch of 32 such requests (cost_model.py); else 0.2 s.",
+        "2x the slowest step of a batch of 32 such requests (cost_model.py); else 0.2 s.",
         ge=0)
     max_queue_per_instance: int = Field(64, description="Queued requests per prefill instance before 429.", ge=1)
     heartbeat_interval_s: float = Field(1.0, description="How often instances are told to heartbeat.", gt=0)
