@@ -123,10 +123,10 @@ ROWS: tuple[Row, ...] = (
                                    "median_tpot_ms"), goal=le(1.0, "<= 1.0x")),
            Quote("crescent's failed requests (every run)", crescent_failed(c), "{:.0f}", le(0.0, "0"))),
           match={"concurrency": (str(c), "8,32")}, note=note)
-      for c, note in ((8, "the failed requests are 429s from the default admission (auto: predicted) with a cost "
-                          "model calibrated while the machine was busy and cached; a burst replayed with that model "
-                          "was refused with ttft_slo only; such models are no longer cached (b117f2e)"),
-                      (32, "the failed requests are 429s from the default admission (see concurrency 8)"))),
+      for c, note in ((8, "every crescent run's 429s and other failures, by reason, are in the JSON (gateway counters)"),
+                      (32, "the failed requests are 429 tbt_slo on prefix_repetition: at ~850-token contexts the "
+                           "decode step the admission predicts (the fit times the learnt TBT correction, ~1.8x "
+                           "with a busy prefill worker on the same 2 cores) passes the sized TBT SLO"))),
     *(Row(f"vLLM engine in crescent vs vLLM, concurrency {c}",
           "`vllm bench serve` (random 256/64 and prefix_repetition 4x768+64/32, 32 prompts, concurrency "
           f"{c}, ignore_eos) against `crescent up --engine vllm` (agg; disagg; agg with 2 workers on "
