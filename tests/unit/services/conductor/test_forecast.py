@@ -112,14 +112,15 @@ def test_the_ttft_check_learns_how_far_measured_ttfts_run_past_the_prediction():
     ledger = Ledger()
     ledger.add(InFlight("cold", "p0", "d0", 100, 100, 10, placed_at=0.0, decode_start=2.0))
     ledger.finish("cold", completion_tokens=10, ttft_s=20.0, now=7.0)
-    assert ledger.ttft_correction == 1.0  # one slow first request is 1 of 16 samples, the missing ones as planned
-    for i, ttft in enumerate([2.0] * 14 + [6.0, 6.0]):  # predicted 2 s each; two in 17 ran 3x longer
+    # one slow first request (10x) is 1 of the 16 samples it takes to trust the measurements: 10/16 + 15/16
+    assert ledger.ttft_correction == pytest.approx(1.5625)
+    for i, ttft in enumerate([2.0] * 14 + [6.0, 6.0]):  # predicted 2 s each; two ran 3x longer
         ledger.add(InFlight(f"r{i}", "p0", "d0", 100, 100, 10, placed_at=0.0, decode_start=2.0))
         ledger.finish(f"r{i}", completion_tokens=10, ttft_s=ttft, now=7.0)
-    assert ledger.ttft_correction == pytest.approx(3.0)  # the 90th percentile: the SLO binds the tail
+    assert ledger.ttft_correction == pytest.approx(60 / 34)  # measured over predicted, in sum, over 17 requests
     ledger.add(InFlight("r", "p0", "d0", 100, 100, 10, placed_at=0.0, decode_start=0.01))  # too short to say
     ledger.finish("r", completion_tokens=10, ttft_s=0.5, now=7.0)
-    assert ledger.ttft_correction == pytest.approx(3.0)
+    assert ledger.ttft_correction == pytest.approx(60 / 34)
     ledger.ttft_correction = 2.0
     slo = Slo(ttft_s=1.5, tbt_s=10.0, max_queue_per_instance=8)
     queued = view([inst("p0", Role.PREFILL, waiting=1, queued_prefill_tokens=500)], [inst("d0", Role.DECODE)],
