@@ -161,21 +161,23 @@ def test_kill_9_of_the_vllm_decode_worker_mid_stream(cluster):
     with cf.ThreadPoolExecutor(STREAMS + 1) as pool:
         futures = [pool.submit(stream_outcome, client, model, STREAM_TOKENS, counter(i)) for i in range(STREAMS)]
         wait_until = time.monotonic() + 120
-        while min(chunks) < CHUNKS_BEFORE_KILL:  # every stream is decoding on the decode worker
-            assert time.monotonic() < wait_until and not any(f.done() for f in futures), chunks
+        # every stream is decoding on the decode worker; if one outruns the others to its end first (seen once under
+        # `make test`: [31, 1, 1, 1]), the kill comes then, with the others mid-stream
+        while min(chunks) < CHUNKS_BEFORE_KILL and not any(f.done() for f in futures):
+            assert time.monotonic() < wait_until, chunks
             time.sleep(0.05)
         os.kill(pids["decode"], signal.SIGKILL)
-        killed_at, at_kill = time.monotonic(), list(chunks)
+        killed_at, at_kill, live_at_kill = time.monotonic(), list(chunks), sum(not f.done() for f in futures)
         probe = pool.submit(first_success, client, model, killed_at + 120)  # a new request, sent at once
         outcomes = [f.result(timeout=300) for f in futures]
         recovered_s = probe.result(timeout=180) - killed_at
     load = os.getloadavg()[0]
     print(f"vLLM decode killed with {at_kill} chunks sent per stream; streams {[o for o, _ in outcomes]}; "
           f"new request served {recovered_s:.1f} s after the kill (load average {load:.1f})")
-    assert max(at_kill) < STREAM_TOKENS  # mid-stream, not after the end
+    assert min(at_kill) >= 1 and live_at_kill >= STREAMS - 1  # at least 3 streams mid-stream at the kill
     assert [o for o, _ in outcomes] == ["done"] * STREAMS, outcomes
     assert all(text == reference for _, text in outcomes), (reference, outcomes)
-    assert scrape(gateway, "crescent_gateway_stream_resumes_total") - resumes_before >= STREAMS
+    assert scrape(gateway, "crescent_gateway_stream_resumes_total") - resumes_before >= live_at_kill
     assert recovered_s < RECOVERY_BOUND_S, f"first new request served {recovered_s:.1f}s after the kill"
     # crescent up killed what the worker left (vLLM's engine core and model worker, orphans that would hold cores
     # and GBs); a process of GBs can take seconds to exit on a loaded machine
