@@ -8,7 +8,6 @@ vLLM start-ups overlap. Skips when there is no Python with vLLM (`make vllm` mak
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from tests.e2e.vllm_helpers import (
     prompts,
     reference_outputs,
     start_reference,
+    stop_up_and_reference,
     tail,
     vllm_python_or_skip,
 )
@@ -64,16 +64,7 @@ def up(tmp_path_factory):
         print(f"crescent up --engine vllm --mode agg healthy after {time.monotonic() - started:.0f} s")
         yield {"url": url, "prompts": token_prompts, "reference": reference, "tmp": tmp}
     finally:
-        for p in (proc, reference):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGINT if p is proc else signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=60) == 0
-        finally:
-            for p in (proc, reference):
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(timeout=10)
+        stop_up_and_reference(proc, reference)
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from tests.e2e.vllm_helpers import (
     prompts,
     reference_outputs,
     start_reference,
+    stop_up_and_reference,
     tail,
     vllm_python_or_skip,
 )
@@ -80,16 +81,7 @@ def cluster(tmp_path_factory):
               f"load average {os.getloadavg()[0]:.1f}")
         yield {"url": url, "pid": proc.pid, "prompts": token_prompts, "reference": reference, "tmp": tmp}
     finally:
-        for p in (proc, reference):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGINT if p is proc else signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=60) == 0
-        finally:
-            for p in (proc, reference):
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(timeout=10)
+        stop_up_and_reference(proc, reference)
 
 
 def metrics_urls(cluster, role: str) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -74,3 +75,18 @@ def assert_greedy_equal(client, model: str, token_prompts: list[list[int]], refe
         choice = reply.choices[0]
         assert choice.text == ref["text"], f"prompt of {len(prompt)} tokens"
         assert reply.usage.completion_tokens == len(ref["token_ids"]) == len(choice.logprobs.tokens)
+
+
+def stop_up_and_reference(up: subprocess.Popen, reference: subprocess.Popen) -> None:
+    """Stop `crescent up` as Ctrl-C does (it must exit 0) and the reference process; kill either's process group if
+    it is still there after."""
+    for p in (up, reference):
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGINT if p is up else signal.SIGTERM)
+    try:
+        assert up.wait(timeout=60) == 0
+    finally:
+        for p in (up, reference):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
