@@ -117,5 +117,9 @@ def serve(settings: GatewaySettings) -> None:
         raise SystemExit(1) from None
     log.info("OpenAI API on http://%s:%d/v1 (model %s)", settings.host, settings.port,
              app.state.gateway.model_id)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=5)
+    uvicorn.Server(uvicorn_config(app, settings)).run()
+
+
+def uvicorn_config(app: FastAPI, settings: GatewaySettings) -> uvicorn.Config:
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                          timeout_graceful_shutdown=5, timeout_keep_alive=settings.keep_alive_timeout_s)

@@ -46,6 +46,11 @@ class GatewaySettings(CrescentSettings):
         60.0, description="A request whose prefill or decode worker dies resumes on another (or the restarted) "
         "one from the tokens already sent, waiting at most this long for a placement; 0 = fail it instead.", ge=0)
     rpc_timeout_s: float = Field(10.0, description="Deadline of the conductor's Place/Finish calls.", gt=0)
+    keep_alive_timeout_s: float = Field(
+        75.0, description="How long an idle keep-alive connection stays open. Longer than clients' and proxies' own "
+        "idle expiry (httpx/openai 5 s, nginx and cloud load balancers 60 s), so the client, not the server, closes "
+        "it: a server closing at the client's expiry races the client's next request, which then fails with a "
+        "reset connection.", gt=0)
     ready_poll_s: float = Field(1.0, description="How often readiness (conductor + instances) is re-checked.", gt=0)
     model_watch_interval_s: float = Field(5.0, ge=0, description="When model is a published model directory: how "
                                                                  "often to look for a newer version to hash "

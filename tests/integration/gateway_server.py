@@ -11,7 +11,7 @@ import httpx
 import uvicorn
 
 from crescent.services.common.launcher import free_port
-from crescent.services.gateway.server import create_app
+from crescent.services.gateway.server import create_app, uvicorn_config
 from crescent.services.gateway.settings import GatewaySettings
 from crescent.services.gateway.tokens import PromptEncoder
 
@@ -23,10 +23,10 @@ def running_gateway(conductor_address: str, tokenizer, max_model_len: int = 200,
                     **settings) -> Iterator[str]:
     """Yields the base URL once /health says ready; stops the server (bounded) on exit."""
     port = free_port()
-    config = GatewaySettings(port=port, conductor_address=conductor_address, served_model_name=MODEL,
-                             ready_poll_s=0.1, request_timeout_s=20, **settings)
+    config = GatewaySettings(host="127.0.0.1", port=port, conductor_address=conductor_address,
+                             served_model_name=MODEL, ready_poll_s=0.1, request_timeout_s=20, **settings)
     app = create_app(config, encoder=PromptEncoder(tokenizer, max_model_len=max_model_len))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, config.model_copy(update={"log_level": "warning"})))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import httpx
@@ -108,6 +109,21 @@ def test_rejection_is_429_with_retry_after(client, base_url, fake_cluster):
                                                             "messages": [{"role": "user", "content": "x"}]}, timeout=5)
     assert r.status_code == 429 and r.headers["retry-after"] == "2"
     assert r.json()["error"]["code"] == "queue_full"
+
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_own_expiry(base_url):
+    """httpx (and so the openai client) drops an idle pooled connection after 5 s; uvicorn's default closes it after
+    5 s too, and a request sent on it as the server closes fails with a reset (seen under load as ReadError). The
+    gateway keeps idle connections longer, so the same connection still answers after the client's expiry."""
+    host, port = base_url.removeprefix("http://").split(":")
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        for attempt in range(2):
+            if attempt:
+                time.sleep(5.5)  # past httpx's keepalive_expiry and uvicorn's default timeout_keep_alive
+            conn.sendall(request)
+            head = conn.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200"), (attempt, head[:80])
 
 
 def test_request_id_echoed_or_generated(base_url):
