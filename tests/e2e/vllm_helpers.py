@@ -25,7 +25,7 @@ def vllm_python_or_skip() -> str:
     try:
         return vllm_python(os.environ.get("CRESCENT_VLLM_PYTHON", ""), (REPO,))
     except ValueError as exc:
-        pytest.skip(f"no Python with vLLM: {exc}")
+        pytest.skip(f"no Python with vLLM: {exc}", allow_module_level=True)
 
 
 def prompts(spans: list[tuple[int, int]]) -> list[list[int]]:

@@ -29,12 +29,11 @@ from crescent.services.conductor.settings import ConductorSettings
 from crescent.services.kvstore.server import run_in_thread as run_store
 from crescent.services.kvstore.settings import KvStoreSettings
 from crescent.services.worker.vllm_connector_plan import sum_reports
+from tests.e2e.vllm_helpers import vllm_python_or_skip
 from tests.integration.conductor_client import register, stub
 
 ROOT = Path(__file__).resolve().parents[2]
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
-if not VLLM_PY.is_file():  # the lead's checkout holds the venv when tests run from a worktree
-    VLLM_PY = Path("/work/main/.venv-vllm/bin/python")
+VLLM_PY = vllm_python_or_skip()  # CRESCENT_VLLM_PYTHON, else .venv-vllm here (`make vllm`)
 DRIVER = Path(__file__).with_name("vllm_connector_run.py")
 TOKEN = "vllm-connector-test-token"
 BLOCK = 16
@@ -42,8 +41,7 @@ MODEL_ID = "SmolLM2-135M-Instruct/vllm-connector-test"
 
 # Two vLLM processes start (imports + engine: ~45 s each on an idle 2-core machine, 3-4 minutes each when the cores
 # are shared several ways): the suite-wide 600 s timeout is too tight for that worst case.
-pytestmark = [pytest.mark.skipif(not VLLM_PY.is_file(), reason="no .venv-vllm: run `make vllm`"),
-              pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 TEXT = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, counting the steps as his father had "
         "taught him, and at the top he trimmed the wick, polished the great lens and watched the ships pass. ")
@@ -84,7 +82,7 @@ def run_vllm(tmp: Path, name: str, spec: dict) -> dict:
     spec_path, out_path = tmp / f"{name}.json", tmp / f"{name}-out.json"
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([str(VLLM_PY), str(DRIVER), str(spec_path), str(out_path)], env=env, cwd=tmp,
+    proc = subprocess.run([VLLM_PY, str(DRIVER), str(spec_path), str(out_path)], env=env, cwd=tmp,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out_path.read_text())

@@ -17,17 +17,14 @@ import pytest
 from crescent.hashing import prefix_block_hashes
 from crescent.services.conductor.server import run_in_thread as run_conductor
 from crescent.services.conductor.settings import ConductorSettings
-from tests.e2e.vllm_helpers import prompts
+from tests.e2e.vllm_helpers import prompts, vllm_python_or_skip
 
 ROOT = Path(__file__).resolve().parents[2]
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
-if not VLLM_PY.is_file():  # the lead's checkout holds the venv when tests run from a worktree
-    VLLM_PY = Path("/work/main/.venv-vllm/bin/python")
+VLLM_PY = vllm_python_or_skip()  # CRESCENT_VLLM_PYTHON, else .venv-vllm here (`make vllm`)
 DRIVER = Path(__file__).with_name("vllm_kv_events_run.py")
 TOKEN = "vllm-kv-events-test-token"
 
-pytestmark = [pytest.mark.skipif(not VLLM_PY.is_file(), reason="no .venv-vllm: run `make vllm`"),
-              pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_vllm_stores_and_evictions_arrive_as_crescent_block_hashes(tmp_path):
@@ -41,7 +38,7 @@ def test_vllm_stores_and_evictions_arrive_as_crescent_block_hashes(tmp_path):
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     try:
-        proc = subprocess.run([str(VLLM_PY), str(DRIVER), str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
+        proc = subprocess.run([VLLM_PY, str(DRIVER), str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=800)
     finally:
         conductor.stop()
