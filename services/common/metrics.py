@@ -75,8 +75,8 @@ CONDUCTOR_REDIS_RESYNCS = Counter("crescent_conductor_redis_resyncs_total",
                                   "Times this replica wrote its state back to Redis (Redis came back or lost it).")
 CONDUCTOR_SLO = Gauge("crescent_conductor_slo_seconds", "The SLOs early rejection protects (set or sized from the "
                       "cost model).", ["kind"])  # kind: ttft, tbt
-CONDUCTOR_CORRECTION = Gauge("crescent_conductor_prediction_correction", "How far measured TTFTs (p90 of recent ratios) "
-                             "and token gaps (running mean) ran from the planner's predictions; admission scales its "
+CONDUCTOR_CORRECTION = Gauge("crescent_conductor_prediction_correction", "How far measured TTFTs (their sum over the "
+                             "predicted sum, recent requests) and token gaps (running mean) ran from the planner's predictions; admission scales its "
                              "predictions by it (1 = the cost model is right).", ["kind"])  # kind: ttft, tbt
 CONDUCTOR_INDEXED_BLOCKS = Gauge("crescent_conductor_indexed_blocks", "Blocks in the KV index by tier.", ["tier"])
 
