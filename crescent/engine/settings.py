@@ -30,7 +30,8 @@ class EngineSettings(CrescentSettings):
                                                     "max_position_embeddings (capped by the KV cache).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV of identical prompt prefixes (full blocks).")
     torch_threads: int = Field(0, ge=0, description="torch.set_num_threads value; 0 leaves torch's default "
-                                                    "(set it when several workers share few cores).")
+                                                    "(set it when several workers share few cores). vLLM on CPU: "
+                                                    "its OpenMP threads, unpinned (vllm_engine.cpu_thread_env).")
     attention_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="Attention implementation passed to the model (auto = triton on CUDA, torch on CPU).")
     model_watch_interval_s: float = Field(5.0, ge=0, description="When model is a published model directory: how "

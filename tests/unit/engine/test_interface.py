@@ -13,7 +13,7 @@ from crescent.engine.async_engine import AsyncEngine
 from crescent.engine.interface import BlockKvEngine, Engine, StoreParams
 from crescent.engine.sampling_params import SamplingParams
 from crescent.engine.settings import VllmEngineSettings
-from crescent.engine.vllm_engine import ConnectorSpec, engine_args, vllm_block_size
+from crescent.engine.vllm_engine import ConnectorSpec, cpu_thread_env, engine_args, vllm_block_size
 from crescent.engine.vllm_params import logprobs_from_vllm, sampling_kwargs
 from tests.unit.engine.helpers import make_engine, prompts, tiny_model
 
@@ -94,6 +94,14 @@ def test_engine_args_follow_crescents_settings():
     assert "kv_events_config" not in engine_args(no_cache, "/m", "m", None, True, "ipc:///tmp/e")
     assert vllm_block_size(s, on_cpu=False) == 16
     assert vllm_block_size(s.model_copy(update={"vllm_block_size": 128}), on_cpu=True) == 128
+
+
+def test_vllm_workers_on_cpu_take_their_share_of_the_cores_unpinned():
+    # vLLM's "auto" binding pins every worker's threads to the same cores: the workers' forward passes then fight
+    assert cpu_thread_env(1, {}) == {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+    assert cpu_thread_env(4, {"PATH": "/bin"})["OMP_NUM_THREADS"] == "4"
+    assert cpu_thread_env(0, {}) == {}  # no share given: vLLM's own choice
+    assert cpu_thread_env(2, {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) == {}  # the operator's binding wins
 
 
 def test_store_params_are_the_connector_contract():
