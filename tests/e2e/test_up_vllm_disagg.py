@@ -154,6 +154,8 @@ def test_identical_concurrent_streams_decode_together(cluster):
             firsts, ends = [round(t - started, 2) for t, _ in times], [round(t - started, 2) for _, t in times]
             print(f"{STREAMS} identical streams: first content at {firsts} s, finished at {ends} s")
             assert max(firsts) < min(ends), f"a stream finished ({ends}) before another began ({firsts})"
+
+
 RECOVERY_BOUND_S = 10.0  # the bound for crescent's engine; measured here with vLLM (see the report)
 
 
