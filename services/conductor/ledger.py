@@ -28,10 +28,10 @@ window, with the step predicted at placement). The ratio is clamped to [0.5, 2]:
 KV-blocked head, or a gap stretched by a prefill sharing the cores, must not swing admission by itself.
 The TTFT check scales the predicted TTFT by ``ttft_correction``: the TTFTs the gateway measured (from the request's
 arrival: tokenizing, placing, queueing, prefill) over those predicted at placement, each summed over the recent
-requests and pulled towards 1 while few are in; predictions under ``MIN_PREDICTED_TTFT_S`` are not learnt from.
-Not a percentile of per-request ratios: the engine batches prompts, so a batch's first request waits for the whole
-batch and its own ratio overstates the plan's error (the SLO's tail is held by the burst headroom and queue cap). On one shared CPU the gateway's own work under a flood of requests takes cores the calibration gave to
-prefill: at 10x overload the accepted requests' TTFT ran 2-3x past the prediction until this was learnt.
+requests and pulled towards 1 while few are in; predictions under ``MIN_PREDICTED_TTFT_S`` are not learnt from
+(why a sum, not a percentile of per-request ratios: at ``TTFT_RATIO_SAMPLES``). On one shared CPU the gateway's own
+work under a flood of requests takes cores the calibration gave to prefill: at 10x overload the accepted requests'
+TTFT ran 2-3x past the prediction until this was learnt.
 """
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ def running_gateway(conductor_address: str, tokenizer, max_model_len: int = 200,
                     **settings) -> Iterator[str]:
     """Yields the base URL once /health says ready; stops the server (bounded) on exit."""
     port = free_port()
-    config = GatewaySettings(host="127.0.0.1", port=port, conductor_address=conductor_address,
+    config = GatewaySettings(host="127.0.0.1", port=port, log_level="warning", conductor_address=conductor_address,
                              served_model_name=MODEL, ready_poll_s=0.1, request_timeout_s=20, **settings)
     app = create_app(config, encoder=PromptEncoder(tokenizer, max_model_len=max_model_len))
-    server = uvicorn.Server(uvicorn_config(app, config.model_copy(update={"log_level": "warning"})))
+    server = uvicorn.Server(uvicorn_config(app, config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
