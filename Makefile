@@ -15,15 +15,16 @@ VLLM_VENV ?= .venv-vllm
 VLLM_VERSION := 0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_VERSION)-$(shell cat deploy/vllm/launcher.py pyproject.toml setup.py | sha1sum | cut -c1-12)
 
-.PHONY: help setup system venv vllm model run test lint proto bench bench-vllm train-demo clean
+.PHONY: help setup system venv vllm kernels model run test lint proto bench bench-vllm train-demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 setup: system venv ## install system packages and the virtualenv (idempotent)
 
-system: ## apt packages: redis-server (conductor HA), libibverbs1 (Mooncake), docker-compose, prometheus (promtool), openssl (test CAs)
+system: ## apt packages: redis-server (conductor HA), libibverbs1 (Mooncake), docker-compose, prometheus (promtool), openssl (test CAs), g++ (CPU kernels)
 	@missing=""; \
+	command -v g++ >/dev/null || missing="$$missing g++"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	dpkg -s libibverbs1 >/dev/null 2>&1 || missing="$$missing libibverbs1"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
@@ -58,13 +59,16 @@ $(VLLM_STAMP): deploy/vllm/launcher.py pyproject.toml setup.py
 	$(VLLM_VENV)/bin/vllm --version
 	@rm -f $(VLLM_VENV)/.installed-*; touch $@
 
-model: setup ## convert the default model (SmolLM2-135M-Instruct GGUF) into the model cache, once
+kernels: setup ## build the CPU kernels (C++, for this machine's CPU) into ~/.cache/crescent/kernels, once
+	$(PY) -m crescent.kernels.cpu
+
+model: setup kernels ## convert the default model (SmolLM2-135M-Instruct GGUF) into the model cache, once
 	$(CRESCENT) model prepare
 
 run: model ## start the whole platform locally (every service its own process); OpenAI API on localhost:8000
 	$(CRESCENT) up
 
-test: lint vllm ## lint, then the whole test suite (GPU tests skip without a GPU; vLLM's run from .venv-vllm)
+test: lint vllm kernels ## lint, then the whole test suite (GPU tests skip without a GPU; vLLM's run from .venv-vllm)
 	$(PY) -m crescent.proto.generate --check
 	$(PY) -m bench.report --check
 	$(PY) -m pytest $(PYTEST_ARGS)

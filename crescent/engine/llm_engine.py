@@ -322,6 +322,12 @@ def _select_attention_backend(model, name: str) -> None:
         model.set_attention_backend(triton_cls())
     elif name == "torch":
         model.set_attention_backend(attention.TorchAttentionBackend())
+    elif not on_cuda and name in ("auto", "cpu"):
+        from crescent.kernels import cpu  # builds the kernels here, at start-up, not in the first request
+
+        if name == "cpu" and not cpu.available():
+            raise ValueError(f"attention_backend='cpu' needs the CPU kernels: {cpu.unavailable_reason()}")
+        model.set_attention_backend(attention.TorchAttentionBackend(cpu_kernels=cpu.available()))
 
 
 class _NoText:

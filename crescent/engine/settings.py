@@ -32,8 +32,10 @@ class EngineSettings(CrescentSettings):
     torch_threads: int = Field(0, ge=0, description="torch.set_num_threads value; 0 leaves torch's default "
                                                     "(set it when several workers share few cores). vLLM on CPU: "
                                                     "its OpenMP threads, unpinned (vllm_engine.cpu_thread_env).")
-    attention_backend: Literal["auto", "torch", "triton"] = Field(
-        "auto", description="Attention implementation passed to the model (auto = triton on CUDA, torch on CPU).")
+    attention_backend: Literal["auto", "torch", "triton", "cpu"] = Field(
+        "auto", description="Attention implementation passed to the model: auto = triton on CUDA; on CPU, torch "
+                            "with the C++ paged-decode kernel (crescent.kernels.cpu, built on first start; the torch "
+                            "path where no compiler is); torch = torch only; cpu = the kernel or a start-up error.")
     model_watch_interval_s: float = Field(5.0, ge=0, description="When model is a published model directory: how "
                                                                  "often to look for a newer version (0 = never).")
 

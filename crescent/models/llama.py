@@ -102,6 +102,27 @@ FEW_ROWS = 2
 """Up to this many rows, a matmul uses the input-major copy (see ``_FewRowsCopy``)."""
 
 
+MID_ROWS = 32
+"""From FEW_ROWS + 1 up to this many rows, an fp32 CPU matmul runs weight-first (see ``_weight_first``)."""
+
+
+def _weight_first(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """``x @ weight.T`` computed as ``(weight @ x.T).T`` for a decode-sized batch on CPU, or None where that does not
+    apply. Measured here (MKL, 2 threads, AMD EPYC, fp32, SmolLM2's q/k/v, o, gate/up, down and lm_head shapes,
+    weights streamed from DRAM): 3-32 rows ran 1.05-2.2x faster weight-first, the lm_head (49,152 x 576) 1.1-2.2x;
+    64-128 rows were mixed (0.6-1.5x), so larger batches (prefill) keep the plain product. Inference only."""
+    if (x.dim() != 2 or not FEW_ROWS < x.shape[0] <= MID_ROWS or x.device.type != "cpu"
+            or x.dtype != torch.float32 or torch.is_grad_enabled()):
+        return None
+    out = torch.mm(weight, x.t()).t().contiguous()
+    return out if bias is None else out.add_(bias)
+
+
+def _linear(module: nn.Linear, x: Tensor) -> Tensor:
+    out = _weight_first(x, module.weight, module.bias)
+    return module(x) if out is None else out
+
+
 def _input_major(weight: Tensor) -> Tensor:
     """The same ``[out, in]`` matrix stored ``[in, out]``-contiguous (a transposed view)."""
     return weight.t().contiguous().t()
@@ -166,7 +187,8 @@ class _Fused:
     def __call__(self, x: Tensor) -> Tensor:
         if self.few_rows is not None and self.few_rows.applies(x, self.weight):
             return F.linear(x, self.few_rows.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        out = _weight_first(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias) if out is None else out
 
 
 class Attention(nn.Module):
@@ -202,7 +224,7 @@ class Attention(nn.Module):
             out = backend.attend_dense(q, k, v, self.spec)
         else:
             out = backend.attend(self.layer_idx, q, k, v, ctx, self.spec)
-        return self.o_proj(out.reshape(*lead, self.n_heads * self.head_dim))
+        return _linear(self.o_proj, out.reshape(*lead, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -221,7 +243,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.fused_gate_up is not None and self.fused_gate_up.usable():
             gate, up = self.fused_gate_up(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            return _linear(self.down_proj, F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -308,7 +330,7 @@ class LlamaForCausalLM(nn.Module):
         head = self._head_few_rows
         if head is not None and not torch.is_grad_enabled() and head.applies(hidden, self.lm_head.weight):
             return F.linear(hidden, head.weight).float()
-        return self.lm_head(hidden).float()
+        return _linear(self.lm_head, hidden).float()
 
     def _run(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext | None) -> Tensor:
         cos, sin = self._rope.lookup(self.inv_freq, positions, self.config.max_position_embeddings)

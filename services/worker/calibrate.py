@@ -144,13 +144,32 @@ def _model_fingerprint(model: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def _engine_fingerprint(settings: EngineSettings) -> str:
+    """The code a step's time depends on (the model, its attention, the CPU kernel) and whether the kernel is in
+    use: a faster engine must not be admitted by the cost model of a slower one."""
+    from crescent import kernels
+    from crescent.models import attention
+
+    root = Path(attention.__file__).parent
+    files = [root / "llama.py", root / "attention.py", Path(kernels.__file__).parent / "cpu" / "paged_decode.cpp"]
+    uses_kernel = False
+    if settings.resolved_device().type == "cpu" and settings.attention_backend in ("auto", "cpu"):
+        from crescent.kernels import cpu
+
+        uses_kernel = cpu.available()
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files if f.is_file()) + bytes([uses_kernel]))
+    return digest.hexdigest()[:16]
+
+
 def cache_key(settings: EngineSettings) -> dict[str, str]:
-    """What a cost model depends on: the model, the CPU (or GPU), the torch threads and the dtype."""
+    """What a cost model depends on: the model, the engine's code, the CPU (or GPU), the torch threads and the
+    dtype."""
     import torch
 
     device = settings.resolved_device()
     threads = settings.torch_threads or torch.get_num_threads()
     return {"method": CACHE_METHOD, "model": str(Path(settings.model).expanduser()), "model_fingerprint": _model_fingerprint(settings.model),
+            "engine": _engine_fingerprint(settings),
             "cpu": _cpu_model(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "threads": str(threads), "dtype": str(settings.resolved_dtype()).removeprefix("torch.")}
 

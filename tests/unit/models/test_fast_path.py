@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from crescent.models.attention_context import AttentionContext, SeqSlice
 from crescent.models.config import AttentionSpec
@@ -130,3 +131,20 @@ def test_decode_with_a_block_table_too_short_is_a_clear_error():
     with torch.inference_mode(), pytest.raises(ValueError, match="cannot hold a context of 7"):
         fast(torch.tensor([5]), torch.tensor([6]), ctx)
 
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 32, 33, 200])
+def test_weight_first_products_match_the_plain_ones_and_apply_only_to_decode_sized_fp32_batches(rows):
+    from crescent.models import llama
+
+    gen = torch.Generator().manual_seed(rows)
+    weight, bias, x = (torch.randn(*shape, generator=gen) for shape in ((96, 40), (96,), (rows, 40)))
+    with torch.no_grad():
+        out = llama._weight_first(x, weight, bias)
+        applies = llama.FEW_ROWS < rows <= llama.MID_ROWS
+        assert (out is not None) == applies
+        if applies:
+            assert out.is_contiguous()
+            torch.testing.assert_close(out, F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+        assert llama._weight_first(x.double(), weight.double(), None) is None
+    assert llama._weight_first(x, weight, bias) is None  # autograd on: training keeps nn.Linear
