@@ -30,7 +30,7 @@ def decode_forecast(view: ClusterView, d: InstanceState, req: Request, arrival: 
     # At the arrival only: counting admitted requests that land later in its decode window too (tried) cost
     # goodput on the trace suite, and each of those is checked against the SLO when it is placed.
     batch, context, kv = view.ledger.predict_decode_change(d.instance_id, d.last_heartbeat, view.now, arrival,
-                                                           d.load.waiting)
+                                                           d.load.waiting, req.block_hashes, req.block_size)
     used = (d.load.total_kv_blocks - d.load.free_kv_blocks) * d.info.kv_block_size
     others = max(0, d.load.running + d.load.waiting + batch)
     tbt = view.cost.decode_step_time(others + 1, max(0, d.load.running_context_tokens + context) + req.prompt_tokens)

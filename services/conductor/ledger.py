@@ -244,22 +244,31 @@ class Ledger:
         return n, kv
 
     def predict_decode_change(self, decode_id: str, reported_at: float, now: float, at: float,
-                              waiting: int = 0) -> tuple[int, int, int]:
+                              waiting: int = 0, hashes: tuple[int, ...] = (), block_size: int = 0,
+                              ) -> tuple[int, int, int]:
         """(batch, context tokens, KV tokens) to add to ``decode_id``'s load reported at ``reported_at`` to
         forecast it at ``at`` (>= ``now``); ``waiting`` = requests the report shows queued for KV (not in its
         used KV). See the module docstring for what is added and removed.
+
+        KV is counted once per prompt block (``block_size`` tokens; the engine's prefix cache shares them): a
+        landing request's blocks that a request already there (or landing before it) holds add nothing, and the
+        new request's own ``hashes`` held there come off the result (its caller adds its whole need). Counted in
+        full, a burst of 32 prompts behind 4 shared 768-token prefixes was planned at 4.5x its KV, and the KV check
+        refused 18 of them (429 tbt_slo) on a decode instance that had room for all.
         """
         with self._lock:
             self.clock = max(self.clock, now)
             n_done, kv_done = self._finished_since(decode_id, reported_at, now)
             batch, context, kv = -n_done, -kv_done, -kv_done
             reported_kv = reported_n = 0
+            held: set[int] = set()  # prompt blocks the forecast already has on the instance
+            landing: list[InFlight] = []
             for e in self._inflight.values():
                 if e.decode_id != decode_id:
                     continue
                 if e.decode_start > reported_at:  # not in the report yet: lands before `at`, or after us
                     if e.decode_start <= at:
-                        batch, context, kv = batch + 1, context + e.prompt_tokens, kv + e.kv_tokens
+                        landing.append(e)
                     continue
                 reported_kv, reported_n = reported_kv + e.kv_tokens, reported_n + 1
                 # The step time planned at placement, corrected by what finished requests showed: a request on a
@@ -270,6 +279,15 @@ class Ledger:
                                             e.expected_output)
                 if p >= self.release_confidence:
                     batch, context, kv = batch - 1, context - e.kv_tokens, kv - e.kv_tokens
+                elif block_size > 0:
+                    held.update(e.block_hashes)
+            for e in sorted(landing, key=lambda e: e.decode_start):
+                shared = len(held.intersection(e.block_hashes)) * block_size if block_size > 0 else 0
+                batch, context, kv = batch + 1, context + e.prompt_tokens, kv + e.kv_tokens - shared
+                if block_size > 0:
+                    held.update(e.block_hashes)
+            if block_size > 0 and hashes:
+                kv -= len(held.intersection(hashes)) * block_size
         if waiting > 0 and reported_n > 0:
             kv += round(waiting * reported_kv / reported_n)
         return batch, context, kv

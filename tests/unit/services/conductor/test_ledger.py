@@ -28,6 +28,29 @@ def test_forecast_adds_admitted_requests_that_land_before_the_arrival():
     assert ledger.predict_decode_change("d0", reported_at=1.0, now=1.2, at=2.0) == (1, 1000, 1100)
 
 
+def test_shared_prompt_blocks_are_counted_once_on_a_decode_instance():
+    # 1000-token prompts of 10 blocks of 100 tokens; the first 8 blocks (a shared system prompt) are the same.
+    def entry(rid, start, tail, decode="d0", output=100):
+        e = _entry(rid, placed=0.0, start=start, decode=decode, output=output)
+        e.block_hashes = (*range(8), *tail)
+        return e
+
+    ledger = Ledger()
+    ledger.add(entry("in_report", 0.5, (100, 101), output=10_000))  # running there: its blocks are in the report
+    ledger.add(entry("a", 1.5, (200, 201)))
+    ledger.add(entry("b", 1.6, (300, 301)))
+    ledger.add(entry("elsewhere", 1.5, (400, 401), decode="d1"))  # another instance's cache shares nothing
+    new = (*range(8), 500, 501)
+    # a and b add their own 2 blocks and outputs (300 each); the new request's 8 shared blocks come off.
+    assert ledger.predict_decode_change("d0", reported_at=1.0, now=1.2, at=2.0, hashes=new, block_size=100) == (
+        2, 2000, 2 * 300 - 800)
+    # Without block hashes (or a block size) everything counts in full.
+    assert ledger.predict_decode_change("d0", reported_at=1.0, now=1.2, at=2.0) == (2, 2000, 2200)
+    # Once the running request is all but done, its blocks are not counted as held: a then holds the prefix.
+    assert ledger.predict_decode_change("d0", reported_at=1.0, now=1.2, at=200.0, hashes=new,
+                                        block_size=100)[2] == -11_000 + 1100 + 300 - 800
+
+
 def test_finishes_since_the_report_free_their_kv_at_once():
     ledger = Ledger()
     ledger.add(_entry("a", placed=0.0, start=0.5))
