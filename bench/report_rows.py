@@ -132,8 +132,8 @@ ROWS: tuple[Row, ...] = (
           match={"concurrency": (str(c), "8,32")}, note=note)
       for c, note in ((8, "every crescent run's 429s and other failures, by reason, are in the JSON (gateway counters)"),
                       (32, "each run's failed requests, by reason, are in the JSON (gateway counters); up to "
-                           "15a23cb they were 429 tbt_slo on prefix_repetition (a TBT SLO sized for 320-token "
-                           "contexts against ~850-token ones), sized for 1K-token contexts since"))),
+                           "25a2af2 they were 429 tbt_slo on prefix_repetition: the decode KV forecast counted "
+                           "4 shared 768-token prefixes once per request (fixed in e805652)"))),
     *(Row(f"vLLM engine in crescent vs vLLM, concurrency {c}",
           "`vllm bench serve` (random 256/64 and prefix_repetition 4x768+64/32, 32 prompts, concurrency "
           f"{c}, ignore_eos) against `crescent up --engine vllm` (agg; disagg; agg with 2 workers on "
