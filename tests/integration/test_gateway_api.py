@@ -122,8 +122,28 @@ def test_an_idle_keep_alive_connection_outlives_the_clients_own_expiry(base_url)
             if attempt:
                 time.sleep(5.5)  # past httpx's keepalive_expiry and uvicorn's default timeout_keep_alive
             conn.sendall(request)
-            head = conn.recv(65536)
-            assert head.startswith(b"HTTP/1.1 200"), (attempt, head[:80])
+            response = _read_response(conn)
+            assert response.startswith(b"HTTP/1.1 200"), (attempt, response[:80])
+
+
+def _read_response(conn: socket.socket) -> bytes:
+    """One whole HTTP/1.1 response (headers, then Content-Length bytes of body): a recv may return part of it, and
+    the rest must not be taken for the next response."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 def test_request_id_echoed_or_generated(base_url):
