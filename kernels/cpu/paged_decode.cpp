@@ -19,6 +19,18 @@
 
 namespace {
 
+// Calls fn(t, row_ptr) for each of a sequence's first len tokens, in order: token t's row (all KV heads) in cache,
+// found through the sequence's block table (a block is a contiguous run of block_size rows).
+template <typename scalar_t, typename F>
+inline void for_each_row(const scalar_t* cache, const int32_t* table, int64_t len, int64_t block_size, int64_t row,
+                         const F& fn) {
+  for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+    const int64_t n = std::min(block_size, len - t0);
+    const scalar_t* base = cache + static_cast<int64_t>(table[t0 / block_size]) * block_size * row;
+    for (int64_t i = 0; i < n; ++i) fn(t0 + i, base + i * row);
+  }
+}
+
 template <typename scalar_t>
 void decode_tasks(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, const int32_t* tables,
                   const int32_t* lens, scalar_t* out, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim,
@@ -26,8 +38,8 @@ void decode_tasks(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, con
   using acc_t = at::opmath_type<scalar_t>;  // float for float/bf16/half, double for double
   const int64_t group = heads / kv_heads;
   const int64_t row = kv_heads * dim;  // one token's K (or V) for all KV heads, contiguous in the cache
-  // One task per sequence: each token's K and V rows are read once, whole and in order (a block is one
-  // contiguous run of block_size rows), for all of the sequence's query heads.
+  // One task per sequence: each token's K and V rows are read once, whole and in order, for all of the
+  // sequence's query heads.
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qf(heads * dim), acc(heads * dim), scores, inv(heads);
     for (int64_t b = begin; b < end; ++b) {
@@ -35,21 +47,16 @@ void decode_tasks(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, con
       const int32_t* table = tables + b * width;
       scores.resize(heads * len);
       for (int64_t i = 0; i < heads * dim; ++i) qf[i] = static_cast<acc_t>(q[b * heads * dim + i]) * static_cast<acc_t>(scale);
-      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const int64_t n = std::min(block_size, len - t0);
-        const scalar_t* kb = kc + static_cast<int64_t>(table[t0 / block_size]) * block_size * row;
-        for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* kr = kb + i * row;
-          for (int64_t h = 0; h < heads; ++h) {
-            const acc_t* qh = qf.data() + h * dim;
-            const scalar_t* kp = kr + (h / group) * dim;
-            acc_t s = 0;
+      for_each_row(kc, table, len, block_size, row, [&](int64_t t, const scalar_t* kr) {
+        for (int64_t h = 0; h < heads; ++h) {
+          const acc_t* qh = qf.data() + h * dim;
+          const scalar_t* kp = kr + (h / group) * dim;
+          acc_t s = 0;
 #pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < dim; ++d) s += qh[d] * static_cast<acc_t>(kp[d]);
-            scores[h * len + t0 + i] = s;
-          }
+          for (int64_t d = 0; d < dim; ++d) s += qh[d] * static_cast<acc_t>(kp[d]);
+          scores[h * len + t] = s;
         }
-      }
+      });
       for (int64_t h = 0; h < heads; ++h) {
         acc_t* sh = scores.data() + h * len;
         acc_t m = -std::numeric_limits<acc_t>::infinity();
@@ -62,20 +69,15 @@ void decode_tasks(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, con
         inv[h] = acc_t(1) / sum;
       }
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const int64_t n = std::min(block_size, len - t0);
-        const scalar_t* vb = vc + static_cast<int64_t>(table[t0 / block_size]) * block_size * row;
-        for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* vr = vb + i * row;
-          for (int64_t h = 0; h < heads; ++h) {
-            const acc_t p = scores[h * len + t0 + i];
-            const scalar_t* vp = vr + (h / group) * dim;
-            acc_t* ah = acc.data() + h * dim;
+      for_each_row(vc, table, len, block_size, row, [&](int64_t t, const scalar_t* vr) {
+        for (int64_t h = 0; h < heads; ++h) {
+          const acc_t p = scores[h * len + t];
+          const scalar_t* vp = vr + (h / group) * dim;
+          acc_t* ah = acc.data() + h * dim;
 #pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) ah[d] += p * static_cast<acc_t>(vp[d]);
-          }
+          for (int64_t d = 0; d < dim; ++d) ah[d] += p * static_cast<acc_t>(vp[d]);
         }
-      }
+      });
       for (int64_t h = 0; h < heads; ++h)
         for (int64_t d = 0; d < dim; ++d)
           out[(b * heads + h) * dim + d] = static_cast<scalar_t>(acc[h * dim + d] * inv[h]);
